@@ -1,0 +1,340 @@
+"""HSTU-style causal sequence model for generative next-item retrieval.
+
+Shapes: B batch, N positions (maxlen + 1, left-padded, token 0 of a valid sequence is the user token),
+D hidden, H heads, dh = D // H, Fi item sparse columns (sorted fids), Us / Ua user sparse / array
+features, A array length. Every output vector is L2-normalised, so scores are cosines.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+Schema = dict[str, dict[str, int]]  # {"item_sparse" | "user_sparse" | "user_array": {fid: vocab_size}}
+
+
+@dataclass
+class ModelConfig:
+    id_dim: int = 128  # item-id embedding width
+    feat_dim: int = 128  # width of each sparse feature embedding and of each projected dense input
+    hidden: int = 512  # D
+    num_layers: int = 16
+    num_heads: int = 8
+    maxlen: int = 101  # items per sequence; N = maxlen + 1 positions (the user token comes first)
+    emb_dropout: float = 0.2  # on the concatenated item-tower / user-tower inputs
+    dropout: float = 0.2  # on each layer's residual branch
+    num_time_buckets: int = 64  # log buckets of |dt| for the attention bias
+    max_dt_days: float = 30.0  # |dt| >= this falls into the last bucket
+    rel_pos_bias: bool = True  # also a learned attention bias per head per distance i - j
+    exclude_item_feats: tuple[str, ...] = ("111",)
+    mm_dims: tuple[int, ...] = ()  # widths of optional dense (multimodal) item inputs
+    model: str = "hstu"  # "hstu" or "sasrec"
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn tuples into lists
+        self.exclude_item_feats = tuple(str(f) for f in self.exclude_item_feats)
+        self.mm_dims = tuple(int(d) for d in self.mm_dims)
+        if self.hidden % self.num_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})")
+        if self.model not in ("hstu", "sasrec"):
+            raise ValueError(f"model must be 'hstu' or 'sasrec', got {self.model!r}")
+        if self.num_time_buckets < 2:
+            raise ValueError("num_time_buckets must be >= 2")
+
+    @property
+    def num_positions(self) -> int:
+        return self.maxlen + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "reference": ModelConfig(),
+    "small": ModelConfig(id_dim=32, feat_dim=16, hidden=64, num_layers=2, num_heads=2, maxlen=50,
+                         num_time_buckets=32),
+}
+
+
+def time_buckets(ts: Tensor, num_buckets: int, max_dt: float) -> Tensor:
+    """(B, N) unix seconds -> (B, N, N) long: floor(log(|t_i - t_j| + 1) / log(base)) clamped to
+    [0, num_buckets - 1], with base = (max_dt + 1) ** (1 / (num_buckets - 1)) so |dt| = max_dt
+    starts the last bucket. float64 so the bucket edges are exact enough to match a scalar loop."""
+    dt = (ts[:, :, None] - ts[:, None, :]).abs().double()  # int64 difference is exact
+    b = torch.floor(torch.log1p(dt) * ((num_buckets - 1) / math.log1p(max_dt)))
+    return b.clamp_(0, num_buckets - 1).long()
+
+
+def causal_key_mask(mask: Tensor) -> Tensor:
+    """(B, N) bool valid tokens -> (B, 1, N, N) bool: query i may see key j iff j <= i and j is valid."""
+    n = mask.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    return causal[None, None] & mask[:, None, None, :]
+
+
+class ItemTower(nn.Module):
+    """concat(item-id emb, kept sparse feature embs, projected dense inputs) -> dropout -> MLP."""
+
+    def __init__(self, cfg: ModelConfig, schema: Schema, itemnum: int) -> None:
+        super().__init__()
+        fids = sorted(schema.get("item_sparse", {}))  # column order of seq_feat / next_feat / neg_feat
+        kept = [c for c, f in enumerate(fids) if f not in cfg.exclude_item_feats]
+        self.num_cols = len(fids)
+        self.feat_fids = [fids[c] for c in kept]
+        # the model drops excluded columns itself, so data files keep every column
+        self.register_buffer("feat_cols", torch.tensor(kept, dtype=torch.long), persistent=False)
+        self.id_emb = nn.Embedding(itemnum + 1, cfg.id_dim, padding_idx=0)
+        self.feat_emb = nn.ModuleList(
+            nn.Embedding(schema["item_sparse"][f], cfg.feat_dim, padding_idx=0) for f in self.feat_fids)
+        self.mm_proj = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, cfg.feat_dim), nn.LayerNorm(cfg.feat_dim)) for d in cfg.mm_dims)
+        in_dim = cfg.id_dim + cfg.feat_dim * (len(kept) + len(cfg.mm_dims))
+        self.drop = nn.Dropout(cfg.emb_dropout)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
+
+    def forward(self, item_ids: Tensor, item_feats: Tensor, mm: list[Tensor] | None = None) -> Tensor:
+        # item_ids (...), item_feats (..., Fi), mm[k] (..., mm_dims[k]) -> (..., D)
+        if item_feats.shape[-1] != self.num_cols:
+            raise ValueError(f"item_feats has {item_feats.shape[-1]} columns, schema has {self.num_cols}")
+        feats = item_feats.index_select(-1, self.feat_cols)  # (..., F_kept)
+        parts = [self.id_emb(item_ids)] + [emb(feats[..., c]) for c, emb in enumerate(self.feat_emb)]
+        if len(self.mm_proj):
+            if mm is None or len(mm) != len(self.mm_proj):
+                raise ValueError(f"expected {len(self.mm_proj)} dense item inputs (mm_dims)")
+            parts += [proj(m.to(parts[0].dtype)) for proj, m in zip(self.mm_proj, mm)]
+        return self.mlp(self.drop(torch.cat(parts, dim=-1)))
+
+
+class UserTower(nn.Module):
+    """User sparse + mean-pooled array feature embeddings -> (user-token content, FiLM gamma, beta)."""
+
+    def __init__(self, cfg: ModelConfig, schema: Schema) -> None:
+        super().__init__()
+        sparse, array = schema.get("user_sparse", {}), schema.get("user_array", {})
+        self.sparse = nn.ModuleList(nn.Embedding(sparse[f], cfg.feat_dim, padding_idx=0) for f in sorted(sparse))
+        self.array = nn.ModuleList(nn.Embedding(array[f], cfg.feat_dim, padding_idx=0) for f in sorted(array))
+        in_dim, d = cfg.feat_dim * (len(sparse) + len(array)), cfg.hidden
+        self.drop = nn.Dropout(cfg.emb_dropout)
+        self.film = nn.Sequential(nn.Linear(in_dim, d), nn.SiLU(), nn.Linear(d, 2 * d))
+        self.token = nn.Sequential(nn.Linear(in_dim, d), nn.SiLU(), nn.Linear(d, d))
+        # FiLM starts as the identity so early training sees plain token embeddings
+        nn.init.zeros_(self.film[-1].weight)
+        nn.init.zeros_(self.film[-1].bias)
+
+    def features(self, user_sparse: Tensor, user_array: Tensor) -> Tensor:
+        # user_sparse (B, Us), user_array (B, Ua, A) -> (B, (Us + Ua) * feat_dim)
+        parts = [emb(user_sparse[:, c]) for c, emb in enumerate(self.sparse)]
+        for c, emb in enumerate(self.array):
+            ids = user_array[:, c]  # (B, A), right-padded with 0
+            n = (ids > 0).sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+            parts.append(emb(ids).sum(1) / n)  # padding rows embed to 0, so this is the mean of real ids
+        if not parts:
+            return user_sparse.new_zeros(user_sparse.shape[0], 0, dtype=torch.float)
+        return self.drop(torch.cat(parts, dim=-1))
+
+    def forward(self, user_sparse: Tensor, user_array: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        u = self.features(user_sparse, user_array)
+        gamma, beta = self.film(u).chunk(2, dim=-1)  # (B, D) each
+        return self.token(u), gamma, beta
+
+
+class TimeFeatures(nn.Module):
+    """Hour-of-day and weekday (UTC) embeddings of each token's timestamp."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.hour = nn.Embedding(24, hidden)
+        self.weekday = nn.Embedding(7, hidden)
+
+    def forward(self, ts: Tensor) -> Tensor:
+        # ts (B, N) unix seconds -> (B, N, D)
+        hour = torch.div(ts, 3600, rounding_mode="floor") % 24
+        weekday = (torch.div(ts, 86400, rounding_mode="floor") + 3) % 7  # 1970-01-01 was a Thursday; 0 = Monday
+        return self.hour(hour) + self.weekday(weekday)
+
+
+class HSTULayer(nn.Module):
+    """Pointwise-attention HSTU block: U,V,Q,K = split(SiLU(Linear(LN(x)))),
+    A = SiLU(QK^T/sqrt(dh) + rab) * mask / n, y = x + dropout(Linear(LN(A V) * U)).
+
+    n is the constant maxlen + 1 (as in HSTU), not the batch width or the valid count: the
+    attention stays unnormalised (engagement intensity survives) and outputs do not depend on
+    how much left padding a batch has."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, h = cfg.hidden, cfg.num_heads
+        self.num_heads, self.head_dim = h, d // h
+        self.n_norm = float(cfg.num_positions)
+        self.num_buckets, self.max_dt = cfg.num_time_buckets, cfg.max_dt_days * 86400.0
+        self.norm_in = nn.LayerNorm(d)
+        self.uvqk = nn.Linear(d, 4 * d)
+        self.norm_attn = nn.LayerNorm(d)
+        self.out = nn.Linear(d, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ts_bias = nn.Embedding(cfg.num_time_buckets, h)  # rab(|dt|): one scalar per head per bucket
+        self.pos_bias = nn.Embedding(cfg.num_positions, h) if cfg.rel_pos_bias else None  # per distance i - j
+        for emb in (self.ts_bias, self.pos_bias):
+            if emb is not None:
+                nn.init.zeros_(emb.weight)
+
+    def rab(self, ts: Tensor, buckets: Tensor | None = None) -> Tensor:
+        # ts (B, N) -> relative attention bias (B, H, N, N)
+        if buckets is None:
+            buckets = time_buckets(ts, self.num_buckets, self.max_dt)
+        bias = self.ts_bias(buckets)  # (B, N, N, H)
+        if self.pos_bias is not None:
+            i = torch.arange(ts.shape[1], device=ts.device)
+            rel = (i[:, None] - i[None, :]).clamp(0, self.pos_bias.num_embeddings - 1)  # (N, N)
+            bias = bias + self.pos_bias(rel)
+        return bias.permute(0, 3, 1, 2)
+
+    def forward(self, x: Tensor, mask: Tensor, ts: Tensor, buckets: Tensor | None = None) -> Tensor:
+        # x (B, N, D), mask (B, N) bool valid tokens, ts (B, N) -> (B, N, D)
+        b, n, d = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # (B, N, D) each
+        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        s = q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + self.rab(ts, buckets).to(q.dtype)  # (B, H, N, N)
+        a = torch.where(causal_key_mask(mask), F.silu(s), 0.0) / self.n_norm
+        o = (a @ v).transpose(1, 2).reshape(b, n, d)  # (B, N, D)
+        return x + self.drop(self.out(self.norm_attn(o) * u))
+
+
+def hstu_layer_reference(layer: HSTULayer, x: Tensor, mask: Tensor, ts: Tensor) -> Tensor:
+    """HSTULayer.forward written loop by loop over batch, heads, i, j (slow; a test oracle only)."""
+    b, n, d = x.shape
+    h, dh = layer.num_heads, layer.head_dim
+    u, v, q, k = F.silu(layer.uvqk(layer.norm_in(x))).chunk(4, dim=-1)  # per-token ops, (B, N, D)
+    scale = (layer.num_buckets - 1) / math.log1p(layer.max_dt)
+    rows = []
+    for bi in range(b):
+        for i in range(n):
+            heads = []
+            for hi in range(h):
+                sl = slice(hi * dh, (hi + 1) * dh)
+                acc = torch.zeros(dh, dtype=x.dtype)
+                for j in range(i + 1):  # causal: keys j <= i
+                    if not bool(mask[bi, j]):
+                        continue
+                    dt = abs(int(ts[bi, i]) - int(ts[bi, j]))
+                    bucket = min(max(int(math.floor(math.log1p(dt) * scale)), 0), layer.num_buckets - 1)
+                    bias = layer.ts_bias.weight[bucket, hi]
+                    if layer.pos_bias is not None:
+                        bias = bias + layer.pos_bias.weight[min(i - j, layer.pos_bias.num_embeddings - 1), hi]
+                    score = (q[bi, i, sl] * k[bi, j, sl]).sum() / math.sqrt(dh) + bias
+                    acc = acc + F.silu(score) / layer.n_norm * v[bi, j, sl]
+                heads.append(acc)
+            rows.append(torch.cat(heads))
+    o = torch.stack(rows).reshape(b, n, d)
+    return x + layer.drop(layer.out(layer.norm_attn(o) * u))
+
+
+class SASRecLayer(nn.Module):
+    """Pre-LN causal Transformer block (softmax multi-head attention + FFN), the SASRec baseline."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.hidden
+        self.num_heads, self.p = cfg.num_heads, cfg.dropout
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, ts: Tensor, buckets: Tensor | None = None) -> Tensor:
+        # x (B, N, D), mask (B, N) -> (B, N, D); ts unused (positions carry the order)
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        # each query also sees itself so padded rows are never fully masked (softmax over nothing = NaN)
+        allowed = causal_key_mask(mask) | torch.eye(n, dtype=torch.bool, device=x.device)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.p if self.training else 0.0)
+        x = x + self.drop(self.proj(o.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class HSTUModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, schema: Schema, itemnum: int) -> None:
+        super().__init__()
+        self.cfg, self.itemnum = cfg, itemnum
+        d = cfg.hidden
+        self.item_tower = ItemTower(cfg, schema, itemnum)
+        self.user_tower = UserTower(cfg, schema)
+        self.time_feats = TimeFeatures(d)
+        self.next_action_emb = nn.Embedding(4, d, padding_idx=0)  # condition: action of the item to generate
+        self.action_emb = nn.Embedding(4, d, padding_idx=0)  # the input token's own action
+        self.type_emb = nn.Embedding(3, d, padding_idx=0)  # 1 item, 2 user
+        self.pos_emb = nn.Embedding(cfg.num_positions, d)  # index N-1 = last (newest) position
+        layer = HSTULayer if cfg.model == "hstu" else SASRecLayer
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(d)
+        # additive token embeddings start small so the item/user content dominates
+        for emb in (self.time_feats.hour, self.time_feats.weekday, self.next_action_emb, self.action_emb,
+                    self.type_emb, self.pos_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+            if emb.padding_idx is not None:
+                with torch.no_grad():
+                    emb.weight[emb.padding_idx].zero_()
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """batch (spec keys; seq_* of width n <= N) -> (B, n, D) L2-normalised outputs; row i encodes
+        tokens <= i and predicts the item after token i. Padded rows hold values that mean nothing."""
+        seq_type, ts = batch["seq_type"], batch["seq_ts"]  # (B, n)
+        b, n = seq_type.shape
+        if n > self.cfg.num_positions:
+            raise ValueError(f"batch has {n} positions, the model at most {self.cfg.num_positions}")
+        valid = seq_type > 0  # (B, n)
+        x = self.item_tower(batch["seq_item"], batch["seq_feat"], batch.get("seq_mm"))  # (B, n, D)
+        user_tok, gamma, beta = self.user_tower(batch["user_sparse"], batch["user_array"])  # (B, D) each
+        x = torch.where((seq_type == 2)[..., None], user_tok[:, None].to(x.dtype), x)
+        x = x * (1 + torch.tanh(gamma[:, None])) + beta[:, None]  # FiLM on every token
+        pos = torch.arange(self.cfg.num_positions - n, self.cfg.num_positions, device=x.device)  # right-aligned
+        x = (x + self.time_feats(ts) + self.next_action_emb(batch["next_action"]) + self.action_emb(batch["seq_action"])
+             + self.type_emb(seq_type) + self.pos_emb(pos)[None])
+        x = x * valid[..., None]  # padding carries nothing (it is also masked as a key)
+        buckets = None
+        if self.cfg.model == "hstu":  # shared by every layer
+            buckets = time_buckets(ts, self.cfg.num_time_buckets, self.cfg.max_dt_days * 86400.0)
+        for layer in self.layers:
+            x = layer(x, valid, ts, buckets)
+        return F.normalize(self.final_norm(x), dim=-1)
+
+    def item_vectors(self, item_ids: Tensor, item_feats: Tensor, mm: list[Tensor] | None = None) -> Tensor:
+        # (...), (..., Fi) -> (..., D) L2-normalised candidate vectors (same tower as the input tokens)
+        return F.normalize(self.item_tower(item_ids, item_feats, mm), dim=-1)
+
+    def user_vectors(self, batch: dict[str, Tensor]) -> Tensor:
+        # (B, D): the output at the last position, whose next_action holds the target condition
+        return self(batch)[:, -1]
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: nn.Embedding weights at lr/2 without decay (sparse rows would be shrunk by decay
+    on every step while rarely receiving gradient); biases and norm weights without decay; the rest decays."""
+    norms = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d)
+    emb, no_decay, decay, seen = [], [], [], set()
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(mod, nn.Embedding):
+                emb.append(p)
+            elif isinstance(mod, norms) or name == "bias" or p.ndim < 2:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    groups = [dict(params=emb, lr=lr / 2, weight_decay=0.0, name="embedding"),
+              dict(params=no_decay, lr=lr, weight_decay=0.0, name="no_decay"),
+              dict(params=decay, lr=lr, weight_decay=weight_decay, name="decay")]
+    return [g for g in groups if g["params"]]

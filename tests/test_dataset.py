@@ -1,0 +1,134 @@
+"""dataset.py: exact tensors for a hand-written user, negatives, eval conditioning, cold start, resume order."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+import get_stat
+from common import DataError, load_stat
+from conftest import item_rec, profile_rec, write_data
+from dataset import (ActivePool, EpochSampler, EvalDataset, FeatureSpec, SeqReader, TrainDataset, collate,
+                     split_users)
+
+ITEMNUM = 12
+
+
+@pytest.fixture
+def small(tmp_path):
+    lines = [
+        # user 1: three items, the profile last
+        [item_rec(1, 5, 0, 1000), item_rec(1, 7, 1, 2000), item_rec(1, 5, 2, 3000), profile_rec(1, 3000)],
+        [item_rec(2, i, 0, 100 * i) for i in range(1, 12)] + [profile_rec(2, 1100)],
+        [item_rec(3, 9, 1, 50), item_rec(3, 12, 0, 60), profile_rec(3, 60, {"103": 9, "106": [2, 1, 2]})],
+    ]
+    data = write_data(tmp_path / "data", lines, ITEMNUM)
+    get_stat.run(data, tmp_path / "cache")
+    stat = load_stat(tmp_path / "cache")
+    c = tmp_path / "cache"
+    return dict(data=data, stat=stat, spec=FeatureSpec.from_stat(stat),
+                reader=SeqReader(data / "seq.jsonl", data / "seq_offsets.pkl"),
+                item_feat=np.load(c / "item_feat.npy"), item_raw_id=np.load(c / "item_raw_id.npy"),
+                pool=ActivePool(np.load(c / "item_count.npy"), np.load(c / "item_last_ts.npy"), 0))
+
+
+def test_train_sample_exact(small):
+    ds = TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"], maxlen=4, seed=0)
+    s = ds[0]  # N = 5 positions; user token + items 5, 7 as inputs; targets 5, 7, 5
+    assert s["seq_type"].tolist() == [0, 0, 2, 1, 1]
+    assert s["seq_item"].tolist() == [0, 0, 0, 5, 7]
+    assert s["seq_action"].tolist() == [0, 0, 0, 1, 2]
+    assert s["seq_ts"].tolist() == [0, 0, 1000, 1000, 2000]
+    assert s["next_item"].tolist() == [0, 0, 5, 7, 5]
+    assert s["next_action"].tolist() == [0, 0, 1, 2, 3]
+    assert s["next_feat"].tolist() == [[0, 0], [0, 0], [3, 1], [2, 3], [3, 1]]  # item % 3 + 1, item % 5 + 1
+    assert s["seq_feat"][3].tolist() == [3, 1] and s["seq_feat"][2].tolist() == [0, 0]
+    assert s["user_sparse"].tolist() == [2] and s["user_array"].tolist() == [[1, 2, 0]]
+    neg = s["neg_item"]
+    assert (neg[:2] == 0).all() and (neg[2:] > 0).all() and not np.isin(neg[2:], [5, 7]).any()
+
+    long = ds[1]  # 11 items, N = 5: the last 5 are targets, the user token is kept first
+    assert long["seq_type"].tolist() == [2, 1, 1, 1, 1]
+    assert long["seq_item"].tolist() == [0, 7, 8, 9, 10]
+    assert long["next_item"].tolist() == [7, 8, 9, 10, 11]
+    assert long["seq_ts"].tolist() == [700, 700, 800, 900, 1000]
+
+    other = ds[2]  # a value beyond the indexer but seen in the data widens the vocabulary
+    assert other["user_sparse"].tolist() == [9] and other["user_array"].tolist() == [[2, 1, 2]]
+    assert small["stat"]["schema"]["user_sparse"] == {"103": 10}
+
+
+def test_negatives_never_in_user_items_and_deterministic(small):
+    ds = TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"], maxlen=20, seed=3)
+    for key in range(3 * 50):
+        s = ds[key]
+        user_items = {r[1] for r in small["reader"].read(key % 3) if r[1] is not None}
+        negs = s["neg_item"][s["next_item"] > 0]
+        assert len(negs) and not (set(negs.tolist()) & user_items)
+    assert np.array_equal(ds[7]["neg_item"], ds[7]["neg_item"])
+    assert not np.array_equal(ds[0]["neg_item"], ds[3]["neg_item"])  # another epoch, other negatives
+
+
+def test_eval_sample_condition_history_and_cold_start(small, tmp_path):
+    spec = small["spec"]
+    lines = [[["user_a", 5, None, {"100": 3, "101": 1}, 0, 10], ["user_a", 20_000_000_099, None,
+              {"100": "1009999", "101": 2}, 1, 20], ["user_a", None, {"103": "new", "106": [1]}, None, None, 20]]]
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "predict_seq.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    with open(folder / "predict_seq_offsets.pkl", "wb") as f:
+        pickle.dump([0], f)
+    reader = SeqReader(folder / "predict_seq.jsonl", folder / "predict_seq_offsets.pkl")
+    ds = EvalDataset(reader, np.arange(1), small["item_feat"], small["item_raw_id"], spec, maxlen=4,
+                     target_action={"user_a": 2})
+    s = ds[0]
+    assert s["user_id"] == "user_a"
+    assert s["seq_type"].tolist() == [0, 0, 2, 1, 1]
+    assert s["seq_item"].tolist() == [0, 0, 0, 5, 0]  # the unseen item is id padding ...
+    assert s["seq_feat"][4].tolist() == [0, 2]  # ... with its features; the cold string is padding
+    assert s["next_action"].tolist() == [0, 0, 1, 2, 3]  # the condition (conversion) at the last position
+    assert s["user_sparse"].tolist() == [0]
+    assert s["history"].tolist() == [5] and s["history_raw"].tolist() == [20_000_000_005, 20_000_000_099]
+    missing = EvalDataset(reader, np.arange(1), small["item_feat"], small["item_raw_id"], spec, maxlen=4)[0]
+    assert missing["next_action"][-1] == 2  # absent from user_action_type: the click condition
+
+    val = EvalDataset(small["reader"], np.arange(3), small["item_feat"], small["item_raw_id"], spec, maxlen=4,
+                      holdout_last=True)
+    v = val[0]
+    assert v["target"] == 5 and v["seq_item"].tolist() == [0, 0, 0, 5, 7]
+    assert v["next_action"].tolist() == [0, 0, 1, 2, 3] and v["history"].tolist() == [5, 7]
+    batch = collate([val[0], val[1], val[2]])
+    assert batch["seq_item"].shape == (3, 5) and batch["history"].shape == (3, 10)
+    assert batch["user_id"] == ["1", "2", "3"] and batch["target"].tolist() == [5, 11, 12]
+
+
+def test_sampler_resumes_mid_epoch(small):
+    full = EpochSampler(7, seed=1)
+    it = iter(full)
+    order = [next(it) for _ in range(20)]
+    assert sorted(k % 7 for k in order[:7]) == list(range(7)) and order[:7] != order[7:14]
+    resumed = iter(EpochSampler(7, seed=1, start_epoch=1, start_index=3))
+    assert [next(resumed) for _ in range(10)] == order[10:20]
+
+
+def test_split_users_disjoint():
+    train, val = split_users(100, 10, seed=0)
+    assert len(val) == 10 and len(train) == 90 and not set(train) & set(val)
+    assert np.array_equal(split_users(100, 10, seed=0)[1], val)
+
+
+def test_offsets_from_another_file_are_refused(small, tmp_path):
+    with open(tmp_path / "off.pkl", "wb") as f:
+        pickle.dump([0, 7, 20], f)
+    reader = SeqReader(small["data"] / "seq.jsonl", tmp_path / "off.pkl")
+    with pytest.raises(DataError, match=r"seq.jsonl:2: offset 7 is not the start of a line"):
+        reader.read(1)
+
+
+def test_active_pool_falls_back_when_too_small():
+    count = np.array([0, 5, 5, 5, 0, 5])
+    last = np.array([0, 100, 200, 10 * 86400, 0, 10 * 86400])
+    assert ActivePool(count, last, active_days=1, min_size=2).items.tolist() == [3, 5]
+    assert ActivePool(count, last, active_days=1, min_size=3).items.tolist() == [1, 2, 3, 5]
