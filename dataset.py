@@ -193,8 +193,9 @@ def _empty_sequence(N: int, spec: FeatureSpec, profile: dict | None) -> dict[str
 
 class EvalDataset(Dataset):
     """User vectors for retrieval: the whole history as input, the target action as the condition at the
-    last position. With `holdout_last` (validation on training lines) the last item is held out as the
-    target; otherwise (predict_seq) `target_action` maps user id -> action type (default 1, a click)."""
+    last position. With `holdout_last` (validation on training lines) the user's last click or conversion
+    (the last item if there is none) is held out as the target, the items before it the history;
+    otherwise (predict_seq) `target_action` maps user id -> action type (default 1, a click)."""
 
     def __init__(self, reader: SeqReader, lines: np.ndarray, item_feat: np.ndarray, item_raw_id: np.ndarray,
                  spec: FeatureSpec, maxlen: int, holdout_last: bool = False,
@@ -215,8 +216,10 @@ class EvalDataset(Dataset):
         if self.holdout_last:
             if not items:
                 raise data_error(self.reader.path, line + 1, "a validation user needs at least one item")
-            target, cond = items[-1][1], items[-1][4] + 1
-            items = items[:-1]
+            # like the test protocol: the last click or conversion is the target (the last item if none)
+            t = next((j for j in range(len(items) - 1, -1, -1) if items[j][4] > 0), len(items) - 1)
+            target, cond = items[t][1], items[t][4] + 1
+            items = items[:t]
         else:
             cond = int(self.target_action.get(user, 1)) + 1
         itemnum = self.spec.itemnum

@@ -3,7 +3,7 @@
 Shapes: R target rows (positions whose next token is an item, padding excluded), D hidden,
 C = 2R candidate columns (the R global negatives, then the R in-batch positives).
 Memory: the logits are built chunk_rows rows at a time and each chunk is checkpointed, so neither
-forward nor backward ever holds more than one (chunk_rows, 2R) block of logits.
+forward nor backward ever holds more than one (chunk_rows, 2R) block of logits (and its mask).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ DEFAULT_CURRICULUM = "20000:8192:0.5,130000:128:0.25"
 def log_q_from_counts(counts: np.ndarray | Tensor, alpha: float = 0.75) -> Tensor:
     """(itemnum+1,) event counts -> (itemnum+1,) float32 log q with q ∝ max(count, 1)^alpha, sum(q) = 1.
     Zero counts (row 0, unseen items) count as 1 so no entry is -inf."""
-    c = torch.as_tensor(np.asarray(counts) if not isinstance(counts, Tensor) else counts).double().clamp(min=1.0)
+    c = torch.as_tensor(counts).double().clamp(min=1.0)  # (itemnum+1,)
     logits = alpha * torch.log(c)
     return (logits - torch.logsumexp(logits, 0)).float()
 
@@ -56,8 +56,8 @@ def curriculum(step: int, total_steps: int, table: str = DEFAULT_CURRICULUM,
     if total_steps < 1 or ref_steps < 1:
         raise ValueError(f"total_steps ({total_steps}) and ref_steps ({ref_steps}) must be >= 1")
     points = parse_curriculum(table)
-    scale = total_steps / ref_steps if total_steps < ref_steps else 1.0
-    steps = [s * scale for s, _, _ in points]
+    short = total_steps < ref_steps
+    steps = [s * total_steps / ref_steps if short else float(s) for s, _, _ in points]  # multiply first: exact
     if step < steps[0]:
         return None, points[0][2]
     for i in range(len(points) - 1):
@@ -71,29 +71,50 @@ def curriculum(step: int, total_steps: int, table: str = DEFAULT_CURRICULUM,
 
 def _split_k(hard_k: int, global_share: float) -> tuple[int, int]:
     # how many of the kept negatives come from the global columns and from the in-batch columns
-    kg = int(round(hard_k * global_share))
+    # (round half up, not Python's half-to-even: k=1 at share 0.5 keeps one global negative)
+    kg = int(math.floor(hard_k * global_share + 0.5))
     return kg, max(hard_k - kg, 0)
 
 
-def _chunk_loss(q: Tensor, pos: Tensor, pos_ids: Tensor, rseq: Tensor, cand: Tensor, cand_ids: Tensor,
-                cand_seq: Tensor, keys: Tensor, log_q: Tensor, *, inv_tau: float, num_global: int,
+def _masked_columns(rseq: Tensor, row_seq: Tensor, pos_u: Tensor, cand_u: Tensor, num_items: int,
+                    has_pad: bool) -> Tensor:
+    """(r, C) bool: column c is masked for row i iff its item is a positive of row i's sequence (this covers
+    every in-batch column of the same sequence, the row's own positive included) or it is item id 0.
+    Built per chunk at sequence level: P (S_c, U) = which items each of the chunk's S_c sequences has as
+    positives, so nothing larger than (r, C) exists. rseq (r,) chunk rows' sequences; row_seq (R,),
+    pos_u (R,) compact item index of every row's positive; cand_u (C,) compact item index of each column."""
+    seqs, local = torch.unique(rseq, return_inverse=True)  # (S_c,), (r,)
+    j = torch.searchsorted(seqs, row_seq).clamp_(max=seqs.numel() - 1)  # (R,)
+    hit = seqs[j] == row_seq  # rows (of the whole batch) that belong to one of the chunk's sequences
+    member = torch.zeros(seqs.numel(), num_items, dtype=torch.bool, device=rseq.device)  # (S_c, U)
+    member[j[hit], pos_u[hit]] = True
+    if has_pad:
+        member[:, 0] = True  # compact index 0 is item id 0 when present (unique() sorts)
+    return member[:, cand_u][local]  # (S_c, C) -> (r, C)
+
+
+def _chunk_loss(q: Tensor, cand: Tensor, rseq: Tensor, row_seq: Tensor, pos_u: Tensor, cand_u: Tensor, *,
+                start: int, inv_tau: float, num_global: int, num_items: int, has_pad: bool,
                 kg: int | None, ki: int | None) -> Tensor:
-    """Sum over the chunk's rows of logsumexp([pos, kept negs]) - pos. q, pos (r, D); cand (C, D)."""
+    """Sum over the chunk's rows start..start+r of logsumexp([pos, kept negs]) - pos.
+    q (r, D); cand (C, D+1) = [candidate vector, -log_q[item]], so one matmul gives cos/τ - log_q."""
     with torch.autocast(device_type=q.device.type, enabled=False):  # logits in (at least) fp32
-        q, pos = q.to(cand.dtype), pos.to(cand.dtype)
-        pos_logit = (q * pos).sum(-1) * inv_tau - log_q[pos_ids]  # (r,)
-        logits = (q @ cand.T) * inv_tau - log_q[cand_ids][None]  # (r, C)
-        # false negatives: the column's item is one of the positives of the row's sequence;
-        # keys = sorted unique seq * V + item over all rows, so membership is a binary search
-        key = rseq[:, None] * log_q.numel() + cand_ids[None]  # (r, C)
-        idx = torch.searchsorted(keys, key).clamp_(max=keys.numel() - 1)
-        masked = (keys[idx] == key) | (rseq[:, None] == cand_seq[None]) | (cand_ids == 0)[None]
-        logits = logits.masked_fill(masked, float("-inf"))
-        if kg is not None:
-            g = logits[:, :num_global].topk(min(kg, num_global), dim=1).values  # masked ones stay -inf
-            b = logits[:, num_global:].topk(min(ki, logits.shape[1] - num_global), dim=1).values
-            logits = torch.cat([g, b], dim=1)
-        terms = torch.cat([pos_logit[:, None], logits], dim=1)  # (r, 1 + kept)
+        r = q.shape[0]
+        qa = torch.cat([q.to(cand.dtype) * inv_tau, q.new_ones(r, 1, dtype=cand.dtype)], dim=1)  # (r, D+1)
+        logits = qa @ cand.T  # (r, C)
+        rows = torch.arange(r, device=q.device)
+        own = rows + num_global + start  # each row's positive is also its own in-batch column
+        pos_logit = logits[rows, own]  # (r,)
+        masked = _masked_columns(rseq, row_seq, pos_u, cand_u, num_items, has_pad)  # (r, C)
+        if kg is None:
+            masked[rows, own] = False  # the positive enters the logsumexp exactly once, through its column
+        logits.masked_fill_(masked, float("-inf"))  # in place: the matmul's backward needs only its inputs
+        if kg is None:
+            return (torch.logsumexp(logits, dim=1) - pos_logit).sum()
+        # masked columns stay -inf through top-k, so a short group contributes only what it has
+        g = logits[:, :num_global].topk(min(kg, num_global), dim=1).values
+        b = logits[:, num_global:].topk(min(ki, logits.shape[1] - num_global), dim=1).values
+        terms = torch.cat([pos_logit[:, None], g, b], dim=1)  # (r, 1 + kept)
         return (torch.logsumexp(terms, dim=1) - pos_logit).sum()
 
 
@@ -112,20 +133,23 @@ def sampled_softmax_loss(query: Tensor, pos: Tensor, pos_ids: Tensor, row_seq: T
     if r_total == 0:
         return query.sum() * 0.0
     dtype = torch.promote_types(query.dtype, torch.float32)
+    cand_ids = torch.cat([neg_ids, pos_ids]).long()  # (C,) global negatives, then in-batch positives
+    items, cand_u = torch.unique(cand_ids, return_inverse=True)  # compact item ids for the mask
+    lq = log_q.to(device=query.device, dtype=dtype)[cand_ids]  # (C,)
     with torch.autocast(device_type=query.device.type, enabled=False):
-        cand = torch.cat([neg, pos], dim=0).to(dtype)  # (C, D)
-    cand_ids = torch.cat([neg_ids, pos_ids]).long()  # (C,)
+        cand = torch.cat([torch.cat([neg, pos], dim=0).to(dtype), -lq[:, None]], dim=1)  # (C, D+1)
     row_seq = row_seq.long()
-    cand_seq = torch.cat([torch.full_like(row_seq, -1), row_seq])  # global columns belong to no sequence
-    log_q = log_q.to(device=query.device, dtype=dtype)
-    keys = torch.unique(row_seq * log_q.numel() + pos_ids.long())  # sorted
     kg, ki = _split_k(hard_k, global_share) if hard_k is not None else (None, None)
-    fn = partial(_chunk_loss, inv_tau=1.0 / temperature, num_global=r_total, kg=kg, ki=ki)
-    use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (query, pos, neg))
+    common = dict(inv_tau=1.0 / temperature, num_global=r_total, num_items=items.numel(),
+                  has_pad=bool(items[0] == 0), kg=kg, ki=ki)
+    # one chunk: plain autograd (nothing to save by recomputing); several: checkpoint each chunk
+    use_ckpt = r_total > chunk_rows and torch.is_grad_enabled() and any(t.requires_grad for t in (query, pos, neg))
     total = query.new_zeros((), dtype=dtype)
     for s in range(0, r_total, chunk_rows):
         e = min(s + chunk_rows, r_total)
-        args = (query[s:e], pos[s:e], pos_ids[s:e].long(), row_seq[s:e], cand, cand_ids, cand_seq, keys, log_q)
+        fn = partial(_chunk_loss, start=s, **common)
+        args = (query[s:e], cand, row_seq[s:e], row_seq, cand_u[r_total:], cand_u)
+        # checkpoint: backward recomputes this chunk's logits instead of keeping every chunk's alive
         total = total + (checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args))
     return total / r_total
 
@@ -158,7 +182,7 @@ def sampled_softmax_loss_reference(query: Tensor, pos: Tensor, pos_ids: Tensor, 
         kept = list(groups[0]) + list(groups[1])
         if hard_k is not None:
             kg, ki = _split_k(hard_k, global_share)
-            top = [sorted(g, key=lambda t: float(t), reverse=True)[:kk] for g, kk in zip(groups, (kg, ki))]
+            top = [sorted(g, key=lambda t: float(t.detach()), reverse=True)[:kk] for g, kk in zip(groups, (kg, ki))]
             kept = top[0] + top[1]
         losses.append(torch.logsumexp(torch.stack([pos_logit[r]] + kept), 0) - pos_logit[r])
     return torch.stack(losses).mean() if losses else query.sum() * 0.0

@@ -14,10 +14,11 @@ import argparse
 import json
 import os
 import pickle
-from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
+
+from common import atomic_write
 
 DAY = 86400
 T0 = 1743465600            # 2025-04-01 00:00:00 UTC, start of the simulated window
@@ -37,23 +38,6 @@ EVERGREEN = 0.05           # share of items alive over the whole window
 INTEREST_SHARE = 0.5       # P(an exposure is drawn from the current interest topic)
 P_BASE, P_GAIN, P_CONV = 0.01, 0.36, 0.2   # P(click or conv) = base + gain * affinity; conv share
 P_NEW_ITEM, P_COLD_USER_FEAT = 0.04, 0.03  # eval-only cold start rates
-
-
-@contextmanager
-def atomic_open(path: str, mode: str = "w"):
-    """Write to a temp file in the same folder, fsync, then rename over path."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    f = open(tmp, mode, **({} if "b" in mode else {"encoding": "ascii", "newline": "\n"}))
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        os.remove(tmp)
-        raise
 
 
 def spread_ids(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -81,8 +65,10 @@ class World:
         is_new[rng.choice(n_all, self.n_new, replace=False)] = True
         self.raw = np.concatenate([raw[~is_new], raw[is_new]])   # index j < M: re-id j + 1
         self.topic = rng.integers(0, K, n_all)
-        pop = np.exp(1.1 * rng.standard_normal(n_all))    # heavy-tailed (Zipf-like head) popularity
-        # Lifetimes in days: launch spread over the window, 10..45 days alive, ~10% evergreen.
+        # Log-normal popularity: heavy tail (top 10% of items get > half the events) but a flatter
+        # head than a pure Zipf law, so a global top-10 list alone cannot score well.
+        pop = np.exp(1.1 * rng.standard_normal(n_all))
+        # Lifetimes in days: launch spread over the window, 10..45 days alive, a few evergreen.
         launch = rng.integers(-30, WINDOW_DAYS - 5, n_all)
         end = launch + rng.integers(10, 46, n_all)
         ever = rng.random(n_all) < EVERGREEN
@@ -127,7 +113,7 @@ class World:
 
         # Sampler: per time bucket, a cumulative popularity over alive training items sorted by
         # topic, flattened over buckets, so one searchsorted draws items for any (bucket, topic).
-        self.g = max(1, -(-WINDOW_DAYS * M // 10_000_000))        # days per bucket (memory bound)
+        self.g = max(1, -(-WINDOW_DAYS * M // 10_000_000))        # days per bucket: cum <= ~1e7 floats
         self.nb = -(-(WINDOW_DAYS + 1) // self.g)
         lb, eb = launch[:M] // self.g, np.maximum(launch[:M] // self.g + 1, -(-end[:M] // self.g))
         self.order = np.argsort(self.topic[:M], kind="stable")   # topic-sorted item indices
@@ -221,16 +207,17 @@ def write_lines(f, offset: int, uid_json: str, mids, items, actions, ts, prof: d
     recs = [f"[{uid_json}, {mids[j]}, {a}, {t}]" for j, a, t in zip(items, actions, ts)]
     recs.append(f"[{uid_json}, null, {json.dumps(prof)}, null, null, {ts[-1]}]")
     line = "[" + ", ".join(recs) + "]\n"
-    f.write(line)
+    data = line.encode()
+    f.write(data)
     offsets.append(offset)
-    return offset + len(line)                                     # ASCII only: chars == bytes
+    return offset + len(data)
 
 
 def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42, topics: int = 24,
              test_users: int | None = None, progress: bool = True) -> dict:
     """Write the dataset under out_dir (data/ and eval/); return a summary dict."""
-    if users < 1 or items < 1 or topics < 1:
-        raise ValueError("users, items and topics must be >= 1")
+    if users < 1 or items < 1 or topics < 4:
+        raise ValueError("need users >= 1, items >= 1 and topics >= 4 (4 interest slots a user)")
     if items > 3_000_000:
         raise ValueError("items must be <= 3,000,000 (raw feature values are fid * 10**7 + k)")
     n_test = max(1, users // 10 if test_users is None else test_users)
@@ -250,7 +237,7 @@ def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42,
     # Training users: item ids are re-ids (j + 1) everywhere.
     mids = [f"{j + 1}, null, {world.frag[j]}" for j in range(M)]
     counts, offsets, off, done = np.zeros(3, np.int64), [], 0, 0
-    with atomic_open(os.path.join(data_dir, "seq.jsonl")) as f:
+    with atomic_write(os.path.join(data_dir, "seq.jsonl")) as f:
         while done < users:
             B = min(CHUNK, users - done)
             n, item, action, t, uf = world.simulate(train_rng, B, new_items=False)
@@ -268,7 +255,7 @@ def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42,
     # only click is their first event or who have none are redrawn. Unseen items keep raw ids.
     mids_eval = mids + [f"{world.raw[j]}, null, {world.frag[j]}" for j in range(M, len(world.raw))]
     gt, uat, eval_offsets, off, done = {}, {}, [], 0, 0
-    with atomic_open(os.path.join(eval_dir, "predict_seq.jsonl")) as f:
+    with atomic_write(os.path.join(eval_dir, "predict_seq.jsonl")) as f:
         while done < n_test:
             n, item, action, t, uf = world.simulate(test_rng, CHUNK, new_items=True)
             cold = {k: test_rng.random(CHUNK) < P_COLD_USER_FEAT for k in USER_SPARSE}
@@ -291,7 +278,7 @@ def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42,
 
     # Side files: indexer, item features, candidates, targets (all atomic).
     def dump_pickle(path, obj):
-        with atomic_open(path, "wb") as g:
+        with atomic_write(path) as g:
             pickle.dump(obj, g, protocol=4)
 
     dump_pickle(os.path.join(data_dir, "seq_offsets.pkl"), offsets)
@@ -301,15 +288,15 @@ def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42,
                "f": {f: {int(r): k + 1 for k, r in enumerate(world.raw_feat[f].tolist())}
                      for f in sorted(world.vocab)}}
     dump_pickle(os.path.join(data_dir, "indexer.pkl"), indexer)
-    with atomic_open(os.path.join(data_dir, "item_feat_dict.json")) as g:
-        g.write("{" + ", ".join(f'"{j + 1}": {world.frag[j]}' for j in range(M)) + "}")
-    with atomic_open(os.path.join(eval_dir, "predict_set.jsonl")) as g:
+    with atomic_write(os.path.join(data_dir, "item_feat_dict.json")) as g:
+        g.write(("{" + ", ".join(f'"{j + 1}": {world.frag[j]}' for j in range(M)) + "}").encode())
+    with atomic_write(os.path.join(eval_dir, "predict_set.jsonl")) as g:
         for j in range(len(world.raw)):
             g.write(f'{{"creative_id": {world.raw[j]}, "retrieval_id": {j + 1}, '
-                    f'"features": {world.frag[j]}}}\n')
+                    f'"features": {world.frag[j]}}}\n'.encode())
     for name, obj in (("user_action_type.json", uat), ("ground_truth.json", gt)):
-        with atomic_open(os.path.join(eval_dir, name)) as g:
-            json.dump(obj, g)
+        with atomic_write(os.path.join(eval_dir, name)) as g:
+            g.write(json.dumps(obj).encode())
 
     total = int(counts.sum())
     summary = {"users": users, "test_users": n_test, "items": M, "new_items": world.n_new,
@@ -326,7 +313,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=6000, help="training users in seq.jsonl")
     ap.add_argument("--items", type=int, default=4000, help="training items (catalogue size)")
     ap.add_argument("--seed", type=int, default=42, help="random seed (output is deterministic)")
-    ap.add_argument("--topics", type=int, default=24, help="latent interest topics")
+    ap.add_argument("--topics", type=int, default=24, help="latent interest topics (>= 4)")
     ap.add_argument("--test-users", type=int, default=None,
                     help="eval users, disjoint from training (default: users // 10, at least 1)")
     args = ap.parse_args()

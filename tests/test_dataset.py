@@ -101,7 +101,8 @@ def test_eval_sample_condition_history_and_cold_start(small, tmp_path):
     assert v["next_action"].tolist() == [0, 0, 1, 2, 3] and v["history"].tolist() == [5, 7]
     batch = collate([val[0], val[1], val[2]])
     assert batch["seq_item"].shape == (3, 5) and batch["history"].shape == (3, 10)
-    assert batch["user_id"] == ["1", "2", "3"] and batch["target"].tolist() == [5, 11, 12]
+    assert batch["user_id"] == ["1", "2", "3"] and batch["target"].tolist() == [5, 11, 9]
+    assert val[2]["history"].tolist() == [] and val[2]["next_action"][-1] == 2  # the last click, not exposure 12
 
 
 def test_sampler_resumes_mid_epoch(small):

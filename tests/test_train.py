@@ -1,0 +1,92 @@
+"""Training loop: schedule, exact resume, checkpoints, learning beyond popularity on sample data."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import get_stat
+import train
+from conftest import ROOT
+from make_sample_data import generate
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    generate(str(root), users=400, items=300, seed=5, progress=False)
+    get_stat.run(root / "data", root / "cache")
+    return root
+
+
+def args(root: Path, run: str, *extra: str) -> list[str]:
+    out = root / run
+    return ["--data-dir", str(root / "data"), "--cache-dir", str(root / "cache"), "--ckpt-dir", str(out / "ck"),
+            "--log-dir", str(out / "logs"), "--tf-dir", str(out / "tf"), "--preset", "small", "--hidden", "32",
+            "--num-layers", "1", "--num-heads", "2", "--maxlen", "20", "--batch-size", "16", "--val-users", "50",
+            "--num-workers", "0", "--log-every", "1", "--device", "cpu", *extra]
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    cfg, _ = train.parse_config(["--max-steps", "100", "--warmup-steps", "10", "--lr", "1e-3", "--preset", "small"])
+    cfg, _ = train.resolve(cfg, torch.device("cpu"))
+    lrs = [train.lr_at(s, cfg) for s in range(130)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:100], lrs[10:101]))  # decays monotonically
+    assert lrs[55] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half-way through the cosine
+    assert lrs[100] == pytest.approx(1e-4) and lrs[129] == pytest.approx(1e-4)  # held at the floor
+
+
+def _final_state(ckpt_dir: Path, step: int) -> dict:
+    return torch.load(ckpt_dir / f"global_step{step}" / "ckpt.pt", weights_only=True)
+
+
+def test_resume_equals_uninterrupted(sample):
+    # 8 steps straight, against 4 steps, stop, resume, 4 more; the curriculum reaches hard negatives
+    extra = ["--max-steps", "8", "--eval-every", "4", "--curriculum", "20000:64:0.5,130000:8:0.25"]
+    straight = train.main(args(sample, "a", *extra))
+    train.main(args(sample, "b", *extra, "--stop-at", "4"))
+    first = _final_state(sample / "b" / "ck", 4)
+    assert first["step"] == 4 and first["optimizer"]["state"]
+    resumed = train.main(["--resume", str(sample / "b" / "ck" / "global_step4" / "ckpt.pt"),
+                          "--ckpt-dir", str(sample / "b" / "ck"), "--log-dir", str(sample / "b" / "logs"),
+                          "--tf-dir", str(sample / "b" / "tf")])
+    assert straight["step"] == resumed["step"] == 8
+    a, b = _final_state(sample / "a" / "ck", 8), _final_state(sample / "b" / "ck", 8)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["best"]["metrics"] == b["best"]["metrics"]
+    log_a = [l.split(" ", 2)[2] for l in (sample / "a" / "logs" / "train.log").read_text().splitlines() if " loss " in l]
+    log_b = [l.split(" ", 2)[2] for l in (sample / "b" / "logs" / "train.log").read_text().splitlines() if " loss " in l]
+    strip = lambda lines: [" ".join(l.split()[:4]) for l in lines]  # step N loss X (throughput differs)
+    assert strip(log_a) == strip(log_b) and len(log_a) == 8
+
+
+def test_checkpoint_contents_and_pruning(sample):
+    train.main(args(sample, "c", "--max-steps", "6", "--eval-every", "1", "--keep-last", "2"))
+    ck = sample / "c" / "ck"
+    kept = sorted(p.name for p in ck.iterdir())
+    assert len(kept) <= 3 and "global_step6" in kept and "global_step5" in kept  # last two + the best
+    model = torch.load(ck / "global_step6" / "model.pt", weights_only=True)
+    assert model["model_config"]["hidden"] == 32 and model["stat"]["itemnum"] == 300
+    for name in ("ckpt.pt", "item_feat.npy", "item_raw_id.npy", "config.json"):
+        assert (ck / "global_step6" / name).exists()
+    assert not list(ck.glob(".global_step*"))  # no temporary folders left
+
+
+def test_learns_beyond_popularity(sample):
+    out = train.main(args(sample, "d", "--max-steps", "150", "--eval-every", "150", "--lr", "3e-3",
+                          "--hidden", "48", "--num-layers", "2", "--batch-size", "32", "--val-users", "80"))
+    best, pop = out["best"]["metrics"], out["best"]["popularity"]
+    assert best["Score"] > 1.5 * pop["Score"], (best, pop)
+
+
+def test_help_and_bad_resume_path(tmp_path):
+    h = subprocess.run([sys.executable, str(ROOT / "main.py"), "--help"], capture_output=True, text=True)
+    assert h.returncode == 0 and "--max-steps" in h.stdout and "--resume" in h.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(tmp_path / "none.pt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,409 @@
+"""Training: one end-to-end stage (eval -> save -> step -> log), exact resume.
+
+    python -u main.py [options]                        # what run.sh calls
+    python -u train.py --resume checkpoints/global_stepN/ckpt.pt
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from common import DataError, env_default, exit_on_data_error, load_stat
+from dataset import ActivePool, EpochSampler, EvalDataset, FeatureSpec, SeqReader, TrainDataset, collate, split_users
+from loss import DEFAULT_CURRICULUM, curriculum, log_q_from_counts, sampled_softmax_loss
+from model import PRESETS, HSTUModel, ModelConfig, param_groups
+from retrieval import rank_metrics, topk_chunked
+
+log = logging.getLogger("train")
+
+
+def opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # paths (DESIGN §2: an option beats the environment variable)
+    data_dir: str = opt(env_default("TRAIN_DATA_PATH", "./data"), "training data folder (env TRAIN_DATA_PATH)")
+    cache_dir: str = opt(env_default("USER_CACHE_PATH", "./cache"), "get_stat.py output (env USER_CACHE_PATH)")
+    ckpt_dir: str = opt(env_default("TRAIN_CKPT_PATH", "./checkpoints"), "checkpoints (env TRAIN_CKPT_PATH)")
+    log_dir: str = opt(env_default("TRAIN_LOG_PATH", "./logs"), "folder of train.log (env TRAIN_LOG_PATH)")
+    tf_dir: str = opt(env_default("TRAIN_TF_EVENTS_PATH", "./tf_events"), "TensorBoard events (env TRAIN_TF_EVENTS_PATH)")
+    # model
+    preset: str = opt("auto", "model size: 'reference' (the competition model), 'small' (CPU), "
+                      "'auto' = reference on CUDA, small otherwise", choices=["auto", "reference", "small"])
+    model: str = opt(None, "sequence encoder: hstu or sasrec (default: the preset's)", choices=["hstu", "sasrec"])
+    hidden: int = opt(None, "model width D (default: the preset's)")
+    num_layers: int = opt(None, "number of layers (default: the preset's)")
+    num_heads: int = opt(None, "attention heads (default: the preset's)")
+    maxlen: int = opt(None, "items per training sequence (default: the preset's)")
+    dropout: float = opt(None, "dropout on each layer's residual branch (default: the preset's)")
+    # optimisation
+    max_steps: int = opt(None, "length of training in steps; the schedule and curriculum follow it "
+                         "(default: 130000 for reference, 600 for small)")
+    batch_size: int = opt(None, "sequences per step (default: 232 for reference, 64 for small)")
+    lr: float = opt(1e-3, "peak learning rate (embeddings get half)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on embeddings, biases, norms)")
+    warmup_steps: int = opt(None, "linear warm-up steps (default: 2%% of max-steps)")
+    min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of --lr; held after max-steps")
+    grad_clip: float = opt(1.0, "gradient-norm clipping")
+    # loss
+    temperature: float = opt(0.01, "softmax temperature on cosine similarities")
+    log_q_alpha: float = opt(0.75, "log-q correction: q proportional to count^alpha; 0 disables it")
+    curriculum: str = opt(DEFAULT_CURRICULUM, "hard-negative curriculum 'step:k:share,...' for a 130k-step run; "
+                          "scaled to shorter runs; 'none' keeps every negative")
+    neg_active_days: float = opt(30.0, "global negatives: items active in the last N days of the data (0: all)")
+    # evaluation, checkpoints, logging
+    val_users: int = opt(1000, "users held out for validation (their last item is the target)")
+    eval_every: int = opt(None, "validate every N steps (default: max-steps / 10)")
+    save_every: int = opt(None, "checkpoint every N steps (default: eval-every)")
+    keep_last: int = opt(3, "checkpoints kept besides the best one")
+    log_every: int = opt(20, "log loss/lr/throughput every N steps")
+    stop_at: int = opt(None, "end this run at this step with a checkpoint, as if interrupted (resume later)")
+    # system
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    num_workers: int = opt(None, "data-loading worker processes (default: from the CPU count)")
+    seed: int = opt(42, "seed for initialisation, data order and negatives")
+    resume: str = opt(None, "path to a ckpt.pt to continue from exactly")
+
+
+# options that may differ on resume; everything else comes from the checkpoint
+RESUME_OVERRIDES = {"data_dir", "cache_dir", "ckpt_dir", "log_dir", "tf_dir", "max_steps", "eval_every",
+                    "save_every", "keep_last", "log_every", "stop_at", "device", "num_workers", "resume"}
+TRAIN_PRESETS = {"reference": dict(max_steps=130_000, batch_size=232), "small": dict(max_steps=600, batch_size=64)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        kw = dict(help=f.metadata["help"], default=argparse.SUPPRESS)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, **kw)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict | None]:
+    """-> (config, checkpoint state or None). Explicit options beat the checkpoint's where allowed."""
+    given = vars(build_parser().parse_args(argv))
+    state = None
+    if given.get("resume"):
+        path = Path(given["resume"])
+        if not path.exists():
+            raise DataError(f"{path}: checkpoint not found")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = TrainConfig(**state["train_config"])
+        ignored = sorted(set(given) - RESUME_OVERRIDES)
+        if ignored:
+            print(f"resume: the checkpoint's settings are kept for {', '.join(ignored)}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, stop_at=None, **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
+    else:
+        cfg = TrainConfig(**given)
+    return cfg, state
+
+
+def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, ModelConfig]:
+    """Fill the defaults that depend on the preset and on the run length."""
+    preset = cfg.preset if cfg.preset != "auto" else ("reference" if device.type == "cuda" else "small")
+    over = {k: getattr(cfg, k) for k in ("model", "hidden", "num_layers", "num_heads", "maxlen", "dropout")
+            if getattr(cfg, k) is not None}
+    mcfg = dataclasses.replace(PRESETS[preset], **over)
+    t = {k: v for k, v in TRAIN_PRESETS[preset].items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, preset=preset, **t)
+    eval_every = cfg.eval_every or max(cfg.max_steps // 10, 1)
+    cfg = dataclasses.replace(
+        cfg, eval_every=eval_every, save_every=cfg.save_every or eval_every,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else max(cfg.max_steps // 50, 1),
+        num_workers=cfg.num_workers if cfg.num_workers is not None else min(max((os.cpu_count() or 1) - 1, 0), 8))
+    return cfg, mcfg
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, cosine to min_lr_ratio·lr at max_steps, then held at that floor."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def hard_negatives(step: int, cfg: TrainConfig) -> tuple[int | None, float]:
+    if cfg.curriculum == "none":
+        return None, 0.5
+    return curriculum(step, cfg.max_steps, cfg.curriculum)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_loss(model: HSTUModel, batch: dict, log_q: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:
+    out = model(batch)  # (B, N, D)
+    target = batch["next_item"] > 0  # (B, N): positions whose next token is an item
+    b, n = target.shape
+    row_seq = torch.arange(b, device=out.device)[:, None].expand(b, n)[target]  # (R,)
+    pos_ids, neg_ids = batch["next_item"][target], batch["neg_item"][target]  # (R,)
+    pos = model.item_vectors(pos_ids, batch["next_feat"][target])  # (R, D)
+    neg = model.item_vectors(neg_ids, batch["neg_feat"][target])  # (R, D)
+    hard_k, share = hard_negatives(step, cfg)
+    return sampled_softmax_loss(out[target], pos, pos_ids, row_seq, neg, neg_ids, log_q,
+                                temperature=cfg.temperature, hard_k=hard_k, global_share=share)
+
+
+@torch.no_grad()
+def all_item_vectors(model: HSTUModel, item_feat: np.ndarray, device: torch.device, chunk: int = 65536) -> torch.Tensor:
+    """(itemnum, D) vectors of items 1..itemnum: row p is item p + 1."""
+    out = []
+    for s in range(1, len(item_feat), chunk):
+        ids = torch.arange(s, min(s + chunk, len(item_feat)), device=device)
+        feats = torch.from_numpy(np.asarray(item_feat[s:s + chunk], dtype=np.int64)).to(device)
+        out.append(model.item_vectors(ids, feats).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def validate(model: HSTUModel, loader: DataLoader, item_feat: np.ndarray, device: torch.device,
+             amp: bool) -> dict[str, float]:
+    """Full-catalogue retrieval for the validation users, their history filtered out."""
+    model.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        items = all_item_vectors(model, item_feat, device)
+        tops, targets = [], []
+        for batch in loader:
+            batch = to_device(batch, device)
+            users = model.user_vectors(batch).float()
+            _, top = topk_chunked(users, items, 10, exclude=batch["history"] - 1)
+            tops.append((top + 1).cpu().numpy())
+            targets.append(batch["target"].cpu().numpy())
+    model.train()
+    return rank_metrics(np.concatenate(tops), np.concatenate(targets))
+
+
+def popularity_baseline(val: EvalDataset, counts: np.ndarray) -> dict[str, float]:
+    """The most-popular items (by training counts), each user's history filtered out."""
+    order = np.argsort(-counts[1:], kind="stable") + 1
+    tops, targets = [], []
+    for i in range(len(val)):
+        s = val[i]
+        seen = set(s["history"].tolist())
+        top = []
+        for it in order:
+            if it not in seen:
+                top.append(it)
+                if len(top) == 10:
+                    break
+        tops.append(top + [0] * (10 - len(top)))
+        targets.append(s["target"])
+    return rank_metrics(np.array(tops), np.array(targets))
+
+
+def save_checkpoint(cfg: TrainConfig, mcfg: ModelConfig, stat: dict, model: HSTUModel, optim: torch.optim.Optimizer,
+                    step: int, best: dict, metrics: dict | None) -> Path:
+    """checkpoints/global_step{N}/ with model.pt (weights + everything inference needs), ckpt.pt (all state)
+    and the item tables; written in a temp folder that is renamed into place, so a crash leaves none half-done."""
+    root = Path(cfg.ckpt_dir)
+    final = root / f"global_step{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".global_step{step}.", dir=root))
+    try:
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        meta = {"model_config": mcfg.to_dict(), "stat": {k: stat[k] for k in ("itemnum", "schema", "user_array_maxlen")},
+                "step": step, "metrics": metrics}
+        torch.save({"model": weights, **meta}, tmp / "model.pt")
+        state = {"model": weights, "optimizer": optim.state_dict(), "step": step, "best": best,
+                 "train_config": dataclasses.asdict(cfg), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], **meta}
+        torch.save(state, tmp / "ckpt.pt")
+        for name in ("item_feat.npy", "item_raw_id.npy"):  # inference needs nothing but this folder
+            src = Path(cfg.cache_dir) / name
+            try:
+                os.link(src, tmp / name)  # same file system: no copy of a catalogue-sized table
+            except OSError:
+                shutil.copyfile(src, tmp / name)
+        (tmp / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": mcfg.to_dict()}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(root, cfg.keep_last, best.get("step"))
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int, best_step: int | None) -> None:
+    steps = sorted(int(p.name[len("global_step"):]) for p in root.glob("global_step*") if p.name[11:].isdigit())
+    for s in steps[:-keep_last] if keep_last > 0 else steps:
+        if s != best_step:
+            shutil.rmtree(root / f"global_step{s}", ignore_errors=True)
+
+
+def setup_logging(cfg: TrainConfig) -> None:
+    Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    fh = logging.FileHandler(Path(cfg.log_dir) / "train.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(fh)
+
+
+def info(msg: str) -> None:
+    tqdm.write(msg)
+    log.info(msg)
+
+
+def check_writable(*dirs: str) -> None:
+    for d in dirs:
+        try:
+            Path(d).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError as e:
+            raise DataError(f"{d}: output folder is not writable ({e.strerror})") from None
+
+
+def train(cfg: TrainConfig, state: dict | None = None) -> dict:
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg, mcfg = resolve(cfg, device)
+    if state is not None:
+        mcfg = ModelConfig.from_dict(state["model_config"])
+    check_writable(cfg.ckpt_dir, cfg.log_dir, cfg.tf_dir)
+    setup_logging(cfg)
+    torch.manual_seed(cfg.seed)
+    amp = device.type == "cuda"
+    if device.type == "cpu":
+        # leave a core to each loader worker: oversubscribed OpenMP threads spin and slow steps down many-fold
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.num_workers))
+    if amp:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    stat = load_stat(cfg.cache_dir)
+    cache, data = Path(cfg.cache_dir), Path(cfg.data_dir)
+    spec = FeatureSpec.from_stat(stat)
+    reader = SeqReader(data / "seq.jsonl", data / "seq_offsets.pkl")
+    item_feat = np.load(cache / "item_feat.npy", mmap_mode="r")
+    item_count = np.load(cache / "item_count.npy")
+    train_lines, val_lines = split_users(len(reader), cfg.val_users, cfg.seed)
+    pool = ActivePool(item_count, np.load(cache / "item_last_ts.npy"), cfg.neg_active_days)
+    train_ds = TrainDataset(reader, train_lines, item_feat, spec, pool, mcfg.maxlen, cfg.seed)
+    val_ds = EvalDataset(reader, val_lines, item_feat, np.load(cache / "item_raw_id.npy"), spec, mcfg.maxlen,
+                         holdout_last=True)
+    # loaders get their own generators: iter() would otherwise draw from the global RNG that drives dropout,
+    # and a resumed run (which creates its iterator after restoring that RNG) would drift from the original
+    val_loader = DataLoader(val_ds, batch_size=256, collate_fn=collate, num_workers=min(cfg.num_workers, 2),
+                            generator=torch.Generator())
+
+    model = HSTUModel(mcfg, stat["schema"], stat["itemnum"]).to(device)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay)
+    for g in groups:
+        g["lr_scale"] = g["lr"] / cfg.lr
+    optim = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+    log_q = (log_q_from_counts(item_count, cfg.log_q_alpha) if cfg.log_q_alpha > 0
+             else torch.zeros(len(item_count))).to(device)
+
+    step, best = 0, {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optimizer"])
+        step, best = state["step"], state["best"]
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        info(f"resumed from {cfg.resume} at step {step}")
+
+    # each step consumes exactly batch_size samples, so the data position is a function of the step
+    consumed = step * cfg.batch_size
+    sampler = EpochSampler(len(train_ds), cfg.seed, *divmod(consumed, len(train_ds)))
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None,
+                        generator=torch.Generator())
+    from torch.utils.tensorboard import SummaryWriter
+    tb = SummaryWriter(cfg.tf_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    info(f"{mcfg.model} preset={cfg.preset} params={n_params / 1e6:.2f}M device={device} "
+         f"train_users={len(train_lines)} val_users={len(val_lines)} steps={cfg.max_steps} batch={cfg.batch_size}")
+    if not best.get("popularity"):
+        best["popularity"] = popularity_baseline(val_ds, item_count - np.bincount(
+            [val_ds[i]["target"] for i in range(len(val_ds))], minlength=len(item_count)))
+    pop = best["popularity"]
+
+    end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.max_steps
+    it = iter(loader)
+    bar = tqdm(total=end, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    t_last, step_last, metrics = time.time(), step, None
+    resumed_at = step if state is not None else None
+    while True:
+        last = step >= end
+        if (step % cfg.eval_every == 0 or step == cfg.max_steps) and step != resumed_at and step > 0:
+            metrics = validate(model, val_loader, item_feat, device, amp)
+            for k, v in metrics.items():
+                tb.add_scalar(f"val/{k}", v, step)
+            if metrics["Score"] > best.get("score", -1.0):
+                best.update(score=metrics["Score"], step=step, metrics=metrics)
+            info(f"step {step}: val HR@10 {metrics['HR@10']:.4f} NDCG@10 {metrics['NDCG@10']:.4f} "
+                 f"Score {metrics['Score']:.4f} | popularity Score {pop['Score']:.4f}")
+        if (step % cfg.save_every == 0 or last) and step > 0 and step != resumed_at:
+            path = save_checkpoint(cfg, mcfg, stat, model, optim, step, best, metrics)
+            info(f"saved {path}")
+        if last:
+            break
+        batch = to_device(next(it), device)
+        lr = lr_at(step, cfg)
+        for g in optim.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = train_loss(model, batch, log_q, cfg, step)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optim.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == end:
+            loss_v, gnorm_v = loss.item(), gnorm.item()
+            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+                raise FloatingPointError(f"non-finite loss ({loss_v}) or gradient norm ({gnorm_v}) at step {step}")
+            now = time.time()
+            sps = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+            t_last, step_last = now, step
+            hard_k, _ = hard_negatives(step, cfg)
+            for k, v in {"loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "seqs_per_s": sps,
+                         "hard_k": hard_k or 0}.items():
+                tb.add_scalar(f"train/{k}", v, step)
+            bar.set_postfix(loss=f"{loss_v:.3f}", seq_s=f"{sps:.0f}")
+            log.info(f"step {step} loss {loss_v:.4f} lr {lr:.2e} grad_norm {gnorm_v:.3f} seq/s {sps:.0f}")
+    bar.close()
+    tb.close()
+    if best.get("metrics"):
+        m = best["metrics"]
+        info(f"best validation (step {best['step']}): HR@10 {m['HR@10']:.4f} NDCG@10 {m['NDCG@10']:.4f} "
+             f"Score {m['Score']:.4f} | popularity: HR@10 {pop['HR@10']:.4f} NDCG@10 {pop['NDCG@10']:.4f} "
+             f"Score {pop['Score']:.4f}")
+    return {"step": step, "best": best, "last_metrics": metrics}
+
+
+@exit_on_data_error
+def main(argv: list[str] | None = None) -> dict:
+    cfg, state = parse_config(argv)
+    return train(cfg, state)
+
+
+if __name__ == "__main__":
+    main()
