@@ -95,6 +95,9 @@ class ItemTower(nn.Module):
         # the model drops excluded columns itself, so data files keep every column
         self.register_buffer("feat_cols", torch.tensor(kept, dtype=torch.long), persistent=False)
         self.id_emb = nn.Embedding(itemnum + 1, cfg.id_dim, padding_idx=0)
+        # zero init: an item never trained on (no events, or cold at inference with id 0) is placed by its
+        # features alone instead of by a random vector that could outscore every trained item
+        nn.init.zeros_(self.id_emb.weight)
         self.feat_emb = nn.ModuleList(
             nn.Embedding(schema["item_sparse"][f], cfg.feat_dim, padding_idx=0) for f in self.feat_fids)
         self.mm_proj = nn.ModuleList(
@@ -126,11 +129,12 @@ class UserTower(nn.Module):
         self.array = nn.ModuleList(nn.Embedding(array[f], cfg.feat_dim, padding_idx=0) for f in sorted(array))
         in_dim, d = cfg.feat_dim * (len(sparse) + len(array)), cfg.hidden
         self.drop = nn.Dropout(cfg.emb_dropout)
-        self.film = nn.Sequential(nn.Linear(in_dim, d), nn.SiLU(), nn.Linear(d, 2 * d))
+        # no bias on gamma/beta: a user-independent shift added to every token can only wash out token
+        # content (training found that degenerate route, collapsing every user onto one vector)
+        self.film = nn.Sequential(nn.Linear(in_dim, d), nn.SiLU(), nn.Linear(d, 2 * d, bias=False))
         self.token = nn.Sequential(nn.Linear(in_dim, d), nn.SiLU(), nn.Linear(d, d))
         # FiLM starts as the identity so early training sees plain token embeddings
         nn.init.zeros_(self.film[-1].weight)
-        nn.init.zeros_(self.film[-1].bias)
 
     def features(self, user_sparse: Tensor, user_array: Tensor) -> Tensor:
         # user_sparse (B, Us), user_array (B, Ua, A) -> (B, (Us + Ua) * feat_dim)

@@ -286,7 +286,7 @@ def train(cfg: TrainConfig, state: dict | None = None) -> dict:
     setup_logging(cfg)
     torch.manual_seed(cfg.seed)
     amp = device.type == "cuda"
-    if device.type == "cpu":
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # leave a core to each loader worker: oversubscribed OpenMP threads spin and slow steps down many-fold
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.num_workers))
     if amp:
