@@ -63,7 +63,7 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     "reference": ModelConfig(),
     "small": ModelConfig(id_dim=32, feat_dim=16, hidden=64, num_layers=2, num_heads=2, maxlen=50,
-                         num_time_buckets=32),
+                         num_time_buckets=32, emb_dropout=0.0, dropout=0.0),
 }
 
 
@@ -88,7 +88,7 @@ class ItemTower(nn.Module):
 
     def __init__(self, cfg: ModelConfig, schema: Schema, itemnum: int) -> None:
         super().__init__()
-        fids = sorted(schema.get("item_sparse", {}))  # column order of seq_feat / next_feat / neg_feat
+        fids = sorted(schema.get("item_sparse", {}), key=int)  # column order of seq_feat / next_feat / neg_feat
         kept = [c for c, f in enumerate(fids) if f not in cfg.exclude_item_feats]
         self.num_cols = len(fids)
         self.feat_fids = [fids[c] for c in kept]
@@ -125,8 +125,8 @@ class UserTower(nn.Module):
     def __init__(self, cfg: ModelConfig, schema: Schema) -> None:
         super().__init__()
         sparse, array = schema.get("user_sparse", {}), schema.get("user_array", {})
-        self.sparse = nn.ModuleList(nn.Embedding(sparse[f], cfg.feat_dim, padding_idx=0) for f in sorted(sparse))
-        self.array = nn.ModuleList(nn.Embedding(array[f], cfg.feat_dim, padding_idx=0) for f in sorted(array))
+        self.sparse = nn.ModuleList(nn.Embedding(sparse[f], cfg.feat_dim, padding_idx=0) for f in sorted(sparse, key=int))
+        self.array = nn.ModuleList(nn.Embedding(array[f], cfg.feat_dim, padding_idx=0) for f in sorted(array, key=int))
         in_dim, d = cfg.feat_dim * (len(sparse) + len(array)), cfg.hidden
         self.drop = nn.Dropout(cfg.emb_dropout)
         # no bias on gamma/beta: a user-independent shift added to every token can only wash out token

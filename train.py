@@ -55,15 +55,16 @@ class TrainConfig:
     dropout: float = opt(None, "dropout on each layer's residual branch (default: the preset's)")
     # optimisation
     max_steps: int = opt(None, "length of training in steps; the schedule and curriculum follow it "
-                         "(default: 130000 for reference, 600 for small)")
+                         "(default: 130000 for reference, 500 for small)")
     batch_size: int = opt(None, "sequences per step (default: 232 for reference, 64 for small)")
-    lr: float = opt(1e-3, "peak learning rate (embeddings get half)")
+    lr: float = opt(None, "peak learning rate, embeddings get half (default: 1e-3 for reference, 2e-3 for small)")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on embeddings, biases, norms)")
     warmup_steps: int = opt(None, "linear warm-up steps (default: 2%% of max-steps)")
     min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of --lr; held after max-steps")
     grad_clip: float = opt(1.0, "gradient-norm clipping")
     # loss
-    temperature: float = opt(0.01, "softmax temperature on cosine similarities")
+    temperature: float = opt(None, "softmax temperature on cosine similarities (default: 0.01 for reference, "
+                             "0.1 for small: a narrow model cannot spread its cosines over a 0.01 scale)")
     log_q_alpha: float = opt(0.75, "log-q correction: q proportional to count^alpha; 0 disables it")
     curriculum: str = opt(DEFAULT_CURRICULUM, "hard-negative curriculum 'step:k:share,...' for a 130k-step run; "
                           "scaled to shorter runs; 'none' keeps every negative")
@@ -85,7 +86,8 @@ class TrainConfig:
 # options that may differ on resume; everything else comes from the checkpoint
 RESUME_OVERRIDES = {"data_dir", "cache_dir", "ckpt_dir", "log_dir", "tf_dir", "max_steps", "eval_every",
                     "save_every", "keep_last", "log_every", "stop_at", "device", "num_workers", "resume"}
-TRAIN_PRESETS = {"reference": dict(max_steps=130_000, batch_size=232), "small": dict(max_steps=600, batch_size=64)}
+TRAIN_PRESETS = {"reference": dict(max_steps=130_000, batch_size=232, lr=1e-3, temperature=0.01),
+                 "small": dict(max_steps=500, batch_size=64, lr=2e-3, temperature=0.1)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,13 +186,15 @@ def validate(model: HSTUModel, loader: DataLoader, item_feat: np.ndarray, device
     model.eval()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         items = all_item_vectors(model, item_feat, device)
-        tops, targets = [], []
-        for batch in loader:
-            batch = to_device(batch, device)
-            users = model.user_vectors(batch).float()
-            _, top = topk_chunked(users, items, 10, exclude=batch["history"] - 1)
-            tops.append((top + 1).cpu().numpy())
-            targets.append(batch["target"].cpu().numpy())
+    tops, targets = [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            users = model.user_vectors(batch)
+        # scores in fp32: bf16 ties would make the ranking arbitrary
+        _, top = topk_chunked(users.float(), items, 10, exclude=batch["history"] - 1)
+        tops.append((top + 1).cpu().numpy())
+        targets.append(batch["target"].cpu().numpy())
     model.train()
     return rank_metrics(np.concatenate(tops), np.concatenate(targets))
 

@@ -210,7 +210,7 @@ def test_item_tower_drops_excluded_columns_and_takes_dense_inputs():
     torch.manual_seed(0)
     cfg = tiny_cfg(mm_dims=(5, 3))
     tower = ItemTower(cfg, SCHEMA, ITEMNUM).eval()
-    assert tower.feat_fids == ["100", "90"]  # sorted(["100", "111", "90"]) minus "111"
+    assert tower.feat_fids == ["90", "100"]  # sorted numerically like get_stat.py, minus "111"
     ids = torch.randint(1, ITEMNUM + 1, (4, 7))
     feats = torch.randint(1, 5, (4, 7, 3))
     mm = [torch.randn(4, 7, 5), torch.randn(4, 7, 3)]
@@ -218,9 +218,9 @@ def test_item_tower_drops_excluded_columns_and_takes_dense_inputs():
         v = tower(ids, feats, mm)
         assert v.shape == (4, 7, cfg.hidden)
         f2 = feats.clone()
-        f2[..., 1] = 4  # column of fid "111": ignored
+        f2[..., 2] = 4  # column of fid "111": ignored
         torch.testing.assert_close(tower(ids, f2, mm), v)
-        f2[..., 2] = (f2[..., 2] + 1) % 9  # fid "90": used
+        f2[..., 0] = (f2[..., 0] + 1) % 9  # fid "90": used
         assert (tower(ids, f2, mm) - v).abs().amax() > 1e-5
         assert (tower(ids, feats, [mm[0], mm[1] + 1]) - v).abs().amax() > 1e-5
     with pytest.raises(ValueError):
