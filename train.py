@@ -66,8 +66,9 @@ class TrainConfig:
     temperature: float = opt(None, "softmax temperature on cosine similarities (default: 0.01 for reference, "
                              "0.1 for small: a narrow model cannot spread its cosines over a 0.01 scale)")
     log_q_alpha: float = opt(0.75, "log-q correction: q proportional to count^alpha; 0 disables it")
-    curriculum: str = opt(DEFAULT_CURRICULUM, "hard-negative curriculum 'step:k:share,...' for a 130k-step run; "
-                          "scaled to shorter runs; 'none' keeps every negative")
+    curriculum: str = opt(None, "hard-negative curriculum 'step:k:share,...' for a 130k-step run, scaled to "
+                          f"shorter runs; 'none' keeps every negative (default: {DEFAULT_CURRICULUM} for reference, "
+                          "none for small, where hard negatives cost time and lowered validation scores)")
     neg_active_days: float = opt(30.0, "global negatives: items active in the last N days of the data (0: all)")
     # evaluation, checkpoints, logging
     val_users: int = opt(1000, "users held out for validation (their last item is the target)")
@@ -86,8 +87,9 @@ class TrainConfig:
 # options that may differ on resume; everything else comes from the checkpoint
 RESUME_OVERRIDES = {"data_dir", "cache_dir", "ckpt_dir", "log_dir", "tf_dir", "max_steps", "eval_every",
                     "save_every", "keep_last", "log_every", "stop_at", "device", "num_workers", "resume"}
-TRAIN_PRESETS = {"reference": dict(max_steps=130_000, batch_size=232, lr=1e-3, temperature=0.01),
-                 "small": dict(max_steps=500, batch_size=64, lr=2e-3, temperature=0.1)}
+TRAIN_PRESETS = {"reference": dict(max_steps=130_000, batch_size=232, lr=1e-3, temperature=0.01,
+                                   curriculum=DEFAULT_CURRICULUM),
+                 "small": dict(max_steps=500, batch_size=64, lr=2e-3, temperature=0.1, curriculum="none")}
 
 
 def build_parser() -> argparse.ArgumentParser:
