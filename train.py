@@ -202,11 +202,14 @@ def validate(model: HSTUModel, loader: DataLoader, item_feat: np.ndarray, device
 
 
 def popularity_baseline(val: EvalDataset, counts: np.ndarray) -> dict[str, float]:
-    """The most-popular items (by training counts), each user's history filtered out."""
+    """The most-popular items, each user's history filtered out. Counts exclude the held-out targets,
+    which get_stat.py counted with everything else."""
+    samples = [val[i] for i in range(len(val))]
+    targets = [s["target"] for s in samples]
+    counts = counts - np.bincount(targets, minlength=len(counts))
     order = np.argsort(-counts[1:], kind="stable") + 1
-    tops, targets = [], []
-    for i in range(len(val)):
-        s = val[i]
+    tops = []
+    for s in samples:
         seen = set(s["history"].tolist())
         top = []
         for it in order:
@@ -215,7 +218,6 @@ def popularity_baseline(val: EvalDataset, counts: np.ndarray) -> dict[str, float
                 if len(top) == 10:
                     break
         tops.append(top + [0] * (10 - len(top)))
-        targets.append(s["target"])
     return rank_metrics(np.array(tops), np.array(targets))
 
 
@@ -346,8 +348,7 @@ def train(cfg: TrainConfig, state: dict | None = None) -> dict:
     info(f"{mcfg.model} preset={cfg.preset} params={n_params / 1e6:.2f}M device={device} "
          f"train_users={len(train_lines)} val_users={len(val_lines)} steps={cfg.max_steps} batch={cfg.batch_size}")
     if not best.get("popularity"):
-        best["popularity"] = popularity_baseline(val_ds, item_count - np.bincount(
-            [val_ds[i]["target"] for i in range(len(val_ds))], minlength=len(item_count)))
+        best["popularity"] = popularity_baseline(val_ds, item_count)
     pop = best["popularity"]
 
     end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.max_steps
