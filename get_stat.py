@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from common import (STAT_FILE, atomic_save_json, atomic_save_npy, atomic_save_pickle, data_error, env_default,
                     exit_on_data_error, load_stat, safe_load_pickle)
-from records import FEATURE_ANY_RE, FEATURE_INT_RE, LINE_RE, RECORD_GROUPS_RE, RECORD_RE, parse_line
+from records import FEATURE_ANY_RE, FEATURE_INT_RE, LINE_RE, RECORD_FIELDS_RE, RECORD_SPAN_RE, parse_line
 
 STAT_VERSION = 1
 CACHE_FILES = ("item_count.npy", "item_last_ts.npy", "item_feat.npy", "item_raw_id.npy", STAT_FILE)
@@ -84,8 +84,8 @@ def parse_chunk(lines: list[str], path: Path, first: int) -> pl.DataFrame:
     if not ok.all():
         s = pl.Series("line", _canonical_lines(lines, ok, path, first))
     df = pl.DataFrame({"line": s, "ln": np.arange(first, first + len(lines), dtype=np.int64)})
-    df = (df.select("ln", pl.col("line").str.extract_all(RECORD_RE).alias("rec")).explode("rec")
-          .select("ln", pl.col("rec").str.extract_groups(RECORD_GROUPS_RE).alias("g")).unnest("g"))
+    df = (df.select("ln", pl.col("line").str.extract_all(RECORD_SPAN_RE).alias("rec")).explode("rec")
+          .select("ln", pl.col("rec").str.extract_groups(RECORD_FIELDS_RE).alias("g")).unnest("g"))
     df.columns = ["ln", "user", "item", "ufeat", "ifeat", "action", "ts"]
     df = df.with_columns(
         pl.col("item").replace("null", None).cast(pl.Int64),

