@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,3 +42,12 @@ def shared_fixtures() -> Path:
     if not SHARED.exists():
         pytest.skip("real-format fixtures not available")
     return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of tiny tensors: intra-op threads only add sync overhead (and stall on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ D = 8
 ITEMNUM = 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tensors here are tiny: intra-op threads only add sync overhead (and stall on a busy CPU)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_rows(seed: int, num_seqs: int = 5, id_range: int = ITEMNUM, dtype=torch.float64):

@@ -20,13 +20,7 @@ BATCH_KEYS = {"seq_item", "seq_type", "seq_feat", "seq_action", "seq_ts", "next_
               "neg_item", "neg_feat", "user_sparse", "user_array"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tensors here are tiny: intra-op threads only add sync overhead (and stall on a busy CPU)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(schema: dict, itemnum: int, batch: int, n: int, seed: int = 0, min_len: int = 2,
