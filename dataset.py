@@ -10,7 +10,7 @@ left-padded to N = maxlen + 1 positions. Action ids are action_type + 1 (1 expos
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +25,34 @@ MAX_USER_ARRAY_LEN = 32  # longer array features are cut; real ones are short
 
 @dataclass
 class FeatureSpec:
-    """Feature columns and vocabulary sizes, from get_stat.py's stat.json (or a checkpoint's copy of it)."""
+    """Feature columns and vocabulary sizes, from get_stat.py's stat.json (or a checkpoint's copy of it).
+    Item feature columns (item_feat.npy, seq_feat, ...): the sparse fids, then each array fid's slots."""
     item_fids: list[str]
-    item_vocab: np.ndarray  # (Fi,)
+    item_vocab: np.ndarray  # (Fi,) one entry per column
     user_sparse_fids: list[str]
     user_sparse_vocab: list[int]
     user_array_fids: list[str]
     user_array_vocab: list[int]
     user_array_len: int
     itemnum: int
+    item_array_fids: list[str] = field(default_factory=list)
+    item_array_len: list[int] = field(default_factory=list)
 
     @classmethod
     def from_stat(cls, stat: dict) -> "FeatureSpec":
         sc = stat["schema"]
         item_fids = sorted(sc["item_sparse"], key=int)
+        iarr = sorted(sc.get("item_array", {}), key=int)
+        ilen = [int(sc["item_array_len"][f]) for f in iarr]
+        vocab = [sc["item_sparse"][f] for f in item_fids] + [sc["item_array"][f] for f, n in zip(iarr, ilen) for _ in range(n)]
         us, ua = sorted(sc["user_sparse"], key=int), sorted(sc["user_array"], key=int)
         alen = max([int(v) for v in stat.get("user_array_maxlen", {}).values()] + [1])
-        return cls(item_fids, np.array([sc["item_sparse"][f] for f in item_fids], np.int64),
-                   us, [sc["user_sparse"][f] for f in us], ua, [sc["user_array"][f] for f in ua],
-                   min(alen, MAX_USER_ARRAY_LEN), int(stat["itemnum"]))
+        return cls(item_fids, np.array(vocab, np.int64), us, [sc["user_sparse"][f] for f in us],
+                   ua, [sc["user_array"][f] for f in ua], min(alen, MAX_USER_ARRAY_LEN), int(stat["itemnum"]), iarr, ilen)
+
+    @property
+    def item_cols(self) -> int:
+        return len(self.item_vocab)
 
     @staticmethod
     def _value(v, vocab: int) -> int:
@@ -51,10 +60,17 @@ class FeatureSpec:
         return v if isinstance(v, int) and 0 < v < vocab else 0
 
     def item_features(self, feats: dict | None) -> np.ndarray:
-        out = np.zeros(len(self.item_fids), np.int64)
+        out = np.zeros(self.item_cols, np.int64)
         if feats:
             for j, fid in enumerate(self.item_fids):
                 out[j] = self._value(feats.get(fid, 0), int(self.item_vocab[j]))
+            j = len(self.item_fids)
+            for fid, n in zip(self.item_array_fids, self.item_array_len):
+                v = feats.get(fid, [])
+                v = v if isinstance(v, list) else [v]
+                vals = [x for x in (self._value(x, int(self.item_vocab[j])) for x in v) if x][:n]
+                out[j:j + len(vals)] = vals
+                j += n
         return out
 
     def user_features(self, feats: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -142,14 +158,21 @@ class ActivePool:
         return np.concatenate([out, self.items[rng.integers(0, len(self.items), size=n)]])[:n]
 
 
+def holdout_index(items: list[list]) -> int:
+    """Index of the validation target in a user's item records: like the test protocol, the last click or
+    conversion (the last item if there is none). The items before it are the history."""
+    return next((j for j in range(len(items) - 1, -1, -1) if items[j][4] > 0), len(items) - 1)
+
+
 class TrainDataset(Dataset):
     """Next-item training samples. Indices come from EpochSampler as epoch * num_lines + line, so that the
-    global negatives are a pure function of (seed, epoch, line): resuming reproduces them exactly."""
+    global negatives are a pure function of (seed, epoch, line): resuming reproduces them exactly.
+    With `holdout_last`, each user's validation target (holdout_index) and what follows it are left out."""
 
     def __init__(self, reader: SeqReader, lines: np.ndarray, item_feat: np.ndarray, spec: FeatureSpec,
-                 pool: ActivePool, maxlen: int, seed: int):
+                 pool: ActivePool, maxlen: int, seed: int, holdout_last: bool = False):
         self.reader, self.lines, self.item_feat, self.spec = reader, lines, item_feat, spec
-        self.pool, self.N, self.seed = pool, maxlen + 1, seed
+        self.pool, self.N, self.seed, self.holdout_last = pool, maxlen + 1, seed, holdout_last
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -158,6 +181,8 @@ class TrainDataset(Dataset):
         epoch, k = divmod(int(key), len(self.lines))
         line = int(self.lines[k])
         items, profile = split_records(self.reader.read(line))
+        if self.holdout_last and items:
+            items = items[:holdout_index(items)]
         hist = items[-self.N:]  # the last N items; the user token always stays first
         L = len(hist)
         ids = np.array([r[1] for r in hist], np.int64)
@@ -216,8 +241,7 @@ class EvalDataset(Dataset):
         if self.holdout_last:
             if not items:
                 raise data_error(self.reader.path, line + 1, "a validation user needs at least one item")
-            # like the test protocol: the last click or conversion is the target (the last item if none)
-            t = next((j for j in range(len(items) - 1, -1, -1) if items[j][4] > 0), len(items) - 1)
+            t = holdout_index(items)
             target, cond = items[t][1], items[t][4] + 1
             items = items[:t]
         else:
@@ -232,7 +256,7 @@ class EvalDataset(Dataset):
         N, s = self.N, self.N - L
         out = _empty_sequence(N, self.spec, profile)
         out["seq_type"][s:] = [2] + [1] * (L - 1)
-        feat = np.zeros((N, len(self.spec.item_fids)), np.int64)
+        feat = np.zeros((N, self.spec.item_cols), np.int64)
         for j, r in enumerate(hist):
             p = s + 1 + j
             cold = r[1] > itemnum  # unseen in training: id padding, features from the record
@@ -287,8 +311,12 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def split_users(num_lines: int, num_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A user-level split: (train lines, validation lines), deterministic for a seed."""
+def split_users(num_lines: int, num_val: int, seed: int, mode: str = "users") -> tuple[np.ndarray, np.ndarray]:
+    """(train lines, validation lines), deterministic for a seed. 'users': the validation users are held out
+    whole (at most a fifth of them); 'last': every user trains (without their last item, see TrainDataset)
+    and num_val of them are validated on that item (the leave-one-out protocol of public benchmarks)."""
     perm = np.random.default_rng([seed, 12345]).permutation(num_lines)
+    if mode == "last":
+        return np.arange(num_lines), np.sort(perm[:num_val])
     num_val = min(num_val, num_lines // 5)
     return np.sort(perm[num_val:]), np.sort(perm[:num_val])

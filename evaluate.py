@@ -82,6 +82,8 @@ def summarise(ranks: np.ndarray, weights: np.ndarray, ks: list[int]) -> dict[str
         hit = (ranks > 0) & (ranks <= k)
         out[f"HR@{k}"] = float((w * hit).sum())
         out[f"NDCG@{k}"] = float((w * np.where(hit, 1.0 / np.log2(np.maximum(ranks, 1) + 1.0), 0.0)).sum())
+    # MRR over the retrieved list: a target beyond the top-K counts 0 (under 1/K from the full-ranking MRR)
+    out["MRR"] = float((w * np.where(ranks > 0, 1.0 / np.maximum(ranks, 1), 0.0)).sum())
     out["Score"] = 0.31 * out["HR@10"] + 0.69 * out["NDCG@10"]
     return out
 
@@ -141,7 +143,7 @@ def table(reports: dict[str, dict], ks: list[int]) -> str:
     w = max(11, *(len(g) + 2 for _, g in cols))
     first = [n if j == 0 else "" for n, rep in reports.items() for j in range(len(rep))]  # source over its group
     rows = [f"{'':9}" + "".join(f"{n:>{w}}" for n in first), f"{'':9}" + "".join(f"{g:>{w}}" for _, g in cols)]
-    for m in [f"{x}@{k}" for k in ks for x in ("HR", "NDCG")] + ["Score", "users"]:
+    for m in [f"{x}@{k}" for k in ks for x in ("HR", "NDCG")] + ["MRR", "Score", "users"]:
         fmt = "d" if m == "users" else ".4f"
         rows.append(f"{m:9}" + "".join(f"{reports[n][g][m]:>{w}{fmt}}" for n, g in cols))
     return "\n".join(rows)

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from common import (STAT_FILE, atomic_save_json, atomic_save_npy, atomic_save_pickle, data_error, env_default,
                     exit_on_data_error, load_stat, safe_load_pickle)
-from records import FEATURE_ANY_RE, FEATURE_INT_RE, LINE_RE, RECORD_FIELDS_RE, RECORD_SPAN_RE, parse_line
+from records import FEATURE_ANY_RE, FEATURE_ARRAY_RE, FEATURE_INT_RE, LINE_RE, RECORD_FIELDS_RE, RECORD_SPAN_RE, parse_line
 
-STAT_VERSION = 1
+STAT_VERSION = 2  # 2: item array features (schema item_array / item_array_len)
+MAX_ITEM_ARRAY_LEN = 16  # slots kept per array-valued item feature; longer lists are cut
 CACHE_FILES = ("item_count.npy", "item_last_ts.npy", "item_feat.npy", "item_raw_id.npy", STAT_FILE)
 
 
@@ -115,6 +116,8 @@ class Stats:
         self.item_count = np.zeros(itemnum + 1, np.int64)
         self.item_last_ts = np.zeros(itemnum + 1, np.int64)
         self.item_feat: dict[str, np.ndarray] = {}  # fid -> (itemnum+1,) int32
+        self.item_array: dict[str, np.ndarray] = {}  # fid -> (itemnum+1, MAX_ITEM_ARRAY_LEN) int32, right-padded
+        self.item_array_len: dict[str, int] = {}
         self.user_max: dict[str, int] = {}
         self.user_array_len: dict[str, int] = {}
         self.action_counts = np.zeros(3, np.int64)
@@ -149,6 +152,20 @@ class Stats:
         for (fid,), g in pairs.with_columns(pl.col("value").cast(pl.Int64)).group_by("fid"):
             col = self.item_feat.setdefault(fid, np.zeros(self.itemnum + 1, np.int32))
             col[g["item"].to_numpy()] = np.maximum(g["value"].to_numpy(), 0)
+        # array-valued item features (e.g. a movie's genres): one column per list slot
+        arrays = (last.select("item", pl.col("ifeat").str.extract_all(FEATURE_ARRAY_RE).alias("kv")).explode("kv")
+                  .drop_nulls("kv")
+                  .select("item", pl.col("kv").str.extract_groups(FEATURE_ARRAY_RE).alias("g")).unnest("g"))
+        arrays.columns = ["item", "fid", "values"]
+        for col in self.item_array.values():
+            col[li] = 0
+        for (fid,), g in arrays.group_by("fid"):
+            v = (g.select("item", pl.col("values").str.extract_all(r"-?\d+").list.eval(pl.element().cast(pl.Int64)))
+                 .with_columns(pos=pl.int_ranges(pl.col("values").list.len())).explode(["values", "pos"])
+                 .drop_nulls("values").filter(pl.col("pos") < MAX_ITEM_ARRAY_LEN))
+            col = self.item_array.setdefault(fid, np.zeros((self.itemnum + 1, MAX_ITEM_ARRAY_LEN), np.int32))
+            col[v["item"].to_numpy(), v["pos"].to_numpy()] = np.maximum(v["values"].to_numpy(), 0)
+            self.item_array_len[fid] = max(self.item_array_len.get(fid, 1), int(v["pos"].max() or 0) + 1)
 
         # user features: max value (vocabulary) and max list length of array features
         uf = (df.filter(pl.col("ufeat").is_not_null())
@@ -206,10 +223,12 @@ def run(data_dir: Path, cache_dir: Path, chunk_bytes: int = 64 << 20, force: boo
     else:
         atomic_save_pickle(offsets.tolist(), offsets_path)
 
+    # item_feat.npy columns: the sparse features, then each array feature's slots (see FeatureSpec)
     item_fids = sorted(stats.item_feat, key=int)
-    item_feat = np.zeros((itemnum + 1, len(item_fids)), np.int32)
-    for j, fid in enumerate(item_fids):
-        item_feat[:, j] = stats.item_feat[fid]
+    array_fids = sorted(set(stats.item_array) - set(item_fids), key=int)
+    item_feat = np.concatenate([stats.item_feat[fid][:, None] for fid in item_fids]
+                               + [stats.item_array[fid][:, :stats.item_array_len[fid]] for fid in array_fids]
+                               + [np.zeros((itemnum + 1, 0), np.int32)], axis=1)
     raw_id = np.zeros(itemnum + 1, np.int64)
     for raw, re_id in indexer["i"].items():
         if 0 < re_id <= itemnum and isinstance(raw, int):
@@ -230,6 +249,8 @@ def run(data_dir: Path, cache_dir: Path, chunk_bytes: int = 64 << 20, force: boo
         "min_ts": int(stats.min_ts), "max_ts": int(stats.max_ts),
         "schema": {
             "item_sparse": {fid: _vocab(f, fid, int(stats.item_feat[fid].max())) for fid in item_fids},
+            "item_array": {fid: _vocab(f, fid, int(stats.item_array[fid].max())) for fid in array_fids},
+            "item_array_len": {fid: stats.item_array_len[fid] for fid in array_fids},
             "user_sparse": {fid: _vocab(f, fid, stats.user_max[fid]) for fid in user_fids
                             if fid not in stats.user_array_len},
             "user_array": {fid: _vocab(f, fid, stats.user_max[fid]) for fid in user_fids if fid in stats.user_array_len},
@@ -255,7 +276,7 @@ def summary(stat: dict) -> str:
             f"{stat['num_active_items']:,}/{stat['itemnum']:,} items seen\n"
             f"  actions: exposure {int(a['0']) / n:.1%}, click {int(a['1']) / n:.1%}, conversion {int(a['2']) / n:.1%}\n"
             f"  events per user: min {s['min']}, mean {s['mean']:.1f}, p95 {s['p95']:.0f}, max {s['max']}\n"
-            f"  features: item {list(sc['item_sparse'])}, user {list(sc['user_sparse'])}, "
+            f"  features: item {list(sc['item_sparse'])}, item arrays {list(sc['item_array'])}, user {list(sc['user_sparse'])}, "
             f"user arrays {list(sc['user_array'])}")
 
 

@@ -71,9 +71,9 @@ def load_model(model_dir: Path, device: torch.device) -> tuple[HSTUModel, Featur
     item_feat = np.load(model_dir / "item_feat.npy", mmap_mode="r")  # a catalogue-sized table: not read into memory
     item_raw_id = np.load(model_dir / "item_raw_id.npy")
     n = spec.itemnum + 1
-    if item_feat.shape != (n, len(spec.item_fids)) or item_raw_id.shape != (n,):
+    if item_feat.shape != (n, spec.item_cols) or item_raw_id.shape != (n,):
         raise data_error(model_dir, None, f"item_feat.npy {item_feat.shape} / item_raw_id.npy {item_raw_id.shape} "
-                         f"do not match the model ({n} rows, {len(spec.item_fids)} feature columns)")
+                         f"do not match the model ({n} rows, {spec.item_cols} feature columns)")
     return model.to(device).eval(), spec, item_feat, item_raw_id
 
 

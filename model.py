@@ -84,13 +84,21 @@ def causal_key_mask(mask: Tensor) -> Tensor:
 
 
 class ItemTower(nn.Module):
-    """concat(item-id emb, kept sparse feature embs, projected dense inputs) -> dropout -> MLP."""
+    """concat(item-id emb, kept sparse feature embs, mean-pooled array feature embs, projected dense inputs)
+    -> dropout -> MLP."""
 
     def __init__(self, cfg: ModelConfig, schema: Schema, itemnum: int) -> None:
         super().__init__()
         fids = sorted(schema.get("item_sparse", {}), key=int)  # column order of seq_feat / next_feat / neg_feat
         kept = [c for c, f in enumerate(fids) if f not in cfg.exclude_item_feats]
-        self.num_cols = len(fids)
+        # array features (e.g. genres) follow the sparse columns, item_array_len[fid] slots each, mean-pooled
+        arrays, lens = schema.get("item_array", {}), schema.get("item_array_len", {})
+        self.array_fids = sorted(arrays, key=int)
+        self.array_slices, c = [], len(fids)
+        for f in self.array_fids:
+            self.array_slices.append((c, c + int(lens[f])))
+            c += int(lens[f])
+        self.num_cols = c
         self.feat_fids = [fids[c] for c in kept]
         # the model drops excluded columns itself, so data files keep every column
         self.register_buffer("feat_cols", torch.tensor(kept, dtype=torch.long), persistent=False)
@@ -100,9 +108,10 @@ class ItemTower(nn.Module):
         nn.init.zeros_(self.id_emb.weight)
         self.feat_emb = nn.ModuleList(
             nn.Embedding(schema["item_sparse"][f], cfg.feat_dim, padding_idx=0) for f in self.feat_fids)
+        self.array_emb = nn.ModuleList(nn.Embedding(arrays[f], cfg.feat_dim, padding_idx=0) for f in self.array_fids)
         self.mm_proj = nn.ModuleList(
             nn.Sequential(nn.Linear(d, cfg.feat_dim), nn.LayerNorm(cfg.feat_dim)) for d in cfg.mm_dims)
-        in_dim = cfg.id_dim + cfg.feat_dim * (len(kept) + len(cfg.mm_dims))
+        in_dim = cfg.id_dim + cfg.feat_dim * (len(kept) + len(self.array_fids) + len(cfg.mm_dims))
         self.drop = nn.Dropout(cfg.emb_dropout)
         self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
 
@@ -112,6 +121,10 @@ class ItemTower(nn.Module):
             raise ValueError(f"item_feats has {item_feats.shape[-1]} columns, schema has {self.num_cols}")
         feats = item_feats.index_select(-1, self.feat_cols)  # (..., F_kept)
         parts = [self.id_emb(item_ids)] + [emb(feats[..., c]) for c, emb in enumerate(self.feat_emb)]
+        for (a, b), emb in zip(self.array_slices, self.array_emb):
+            ids = item_feats[..., a:b]  # (..., A), right-padded with 0
+            n = (ids > 0).sum(-1, keepdim=True).clamp(min=1)
+            parts.append(emb(ids).sum(-2) / n)  # mean of the present values (padding embeds to 0)
         if len(self.mm_proj):
             if mm is None or len(mm) != len(self.mm_proj):
                 raise ValueError(f"expected {len(self.mm_proj)} dense item inputs (mm_dims)")

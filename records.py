@@ -25,6 +25,7 @@ RECORD_FIELDS_RE = (r'\[\s*(-?\d+|"[^"\\]*")\s*,\s*(-?\d+|null)\s*,\s*(\{[^{}]*\
 RECORD_SPAN_RE = re.sub(r"\((?!\?)", "(?:", RECORD_FIELDS_RE)
 # "fid": int  inside a feature dict (strings: cold-start values, handled as padding)
 FEATURE_INT_RE = r'"(\d+)"\s*:\s*(-?\d+)'
+FEATURE_ARRAY_RE = r'"(\d+)"\s*:\s*\[([^\]]*)\]'
 FEATURE_ANY_RE = r'"(\d+)"\s*:\s*(\[[^\]]*\]|-?\d+)'
 
 ACTIONS = (0, 1, 2)

@@ -71,7 +71,10 @@ class TrainConfig:
                           "none for small, where hard negatives cost time and lowered validation scores)")
     neg_active_days: float = opt(30.0, "global negatives: items active in the last N days of the data (0: all)")
     # evaluation, checkpoints, logging
-    val_users: int = opt(1000, "users held out for validation (their last item is the target)")
+    val_users: int = opt(1000, "users validated on their last click/conversion (or last item)")
+    val_split: str = opt("users", "'users': the validation users are held out of training whole; 'last': every "
+                         "user trains without that last item (leave-one-out, as public benchmarks do)",
+                         choices=["users", "last"])
     eval_every: int = opt(None, "validate every N steps (default: max-steps / 10)")
     save_every: int = opt(None, "checkpoint every N steps (default: eval-every)")
     keep_last: int = opt(3, "checkpoints kept besides the best one")
@@ -307,9 +310,10 @@ def train(cfg: TrainConfig, state: dict | None = None) -> dict:
     reader = SeqReader(data / "seq.jsonl", data / "seq_offsets.pkl")
     item_feat = np.load(cache / "item_feat.npy", mmap_mode="r")
     item_count = np.load(cache / "item_count.npy")
-    train_lines, val_lines = split_users(len(reader), cfg.val_users, cfg.seed)
+    train_lines, val_lines = split_users(len(reader), cfg.val_users, cfg.seed, cfg.val_split)
     pool = ActivePool(item_count, np.load(cache / "item_last_ts.npy"), cfg.neg_active_days)
-    train_ds = TrainDataset(reader, train_lines, item_feat, spec, pool, mcfg.maxlen, cfg.seed)
+    train_ds = TrainDataset(reader, train_lines, item_feat, spec, pool, mcfg.maxlen, cfg.seed,
+                            holdout_last=cfg.val_split == "last")
     val_ds = EvalDataset(reader, val_lines, item_feat, np.load(cache / "item_raw_id.npy"), spec, mcfg.maxlen,
                          holdout_last=True)
     # loaders get their own generators: iter() would otherwise draw from the global RNG that drives dropout,

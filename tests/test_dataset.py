@@ -133,3 +133,17 @@ def test_active_pool_falls_back_when_too_small():
     last = np.array([0, 100, 200, 10 * 86400, 0, 10 * 86400])
     assert ActivePool(count, last, active_days=1, min_size=2).items.tolist() == [3, 5]
     assert ActivePool(count, last, active_days=1, min_size=3).items.tolist() == [1, 2, 3, 5]
+
+
+def test_leave_one_out_split(small):
+    """val_split 'last': every user trains, but never on the item validation asks for (nor after it)."""
+    train, val = split_users(3, 2, seed=0, mode="last")
+    assert train.tolist() == [0, 1, 2] and len(val) == 2
+    ds = TrainDataset(small["reader"], train, small["item_feat"], small["spec"], small["pool"], maxlen=4, seed=0,
+                      holdout_last=True)
+    vds = EvalDataset(small["reader"], train, small["item_feat"], small["item_raw_id"], small["spec"], maxlen=4,
+                      holdout_last=True)
+    assert ds[0]["next_item"].tolist() == [0, 0, 0, 5, 7]  # user 1's last item (5, a conversion) is held out
+    assert vds[0]["target"] == 5 and vds[0]["history"].tolist() == [5, 7]
+    assert ds[2]["next_item"].tolist() == [0, 0, 0, 0, 0]  # user 3's only click is its first item
+    assert vds[2]["target"] == 9 and vds[2]["history"].tolist() == []

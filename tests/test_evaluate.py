@@ -35,6 +35,7 @@ def test_hand_computed_metrics(tmp_path, capsys):
     assert a["HR@10"] == pytest.approx(2 / 4) and a["NDCG@10"] == pytest.approx((1 + LOG4) / 4)
     assert a["HR@2"] == pytest.approx(1 / 4) and a["NDCG@2"] == pytest.approx(1 / 4)
     assert a["Score"] == pytest.approx(0.31 * 0.5 + 0.69 * (1 + LOG4) / 4)
+    assert a["MRR"] == pytest.approx((1 + 1 / 3) / 4)  # ranks 1 and 3, two misses
     w = m["weighted"]  # weights a 1, b 2.5, c 1, d 2.5: total 7
     assert w["HR@10"] == pytest.approx((1 + 2.5) / 7) and w["NDCG@10"] == pytest.approx((1 + 2.5 * LOG4) / 7)
     assert w["Score"] == pytest.approx(0.31 * 3.5 / 7 + 0.69 * (1 + 2.5 * LOG4) / 7)

@@ -1,6 +1,7 @@
 """get_stat.py: counts equal a plain-Python pass, offsets round-trip, real files parse, bad input is refused."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import subprocess
@@ -162,3 +163,39 @@ def test_crlf_bom_and_spacing_are_accepted(tmp_path):
     stat = get_stat.run(data, tmp_path / "cache")
     assert stat["num_events"] == 2 and stat["action_counts"] == {"0": 1, "1": 1, "2": 0}
     assert load_stat(tmp_path / "cache")["num_users"] == 2
+
+
+def test_item_array_features(tmp_path):
+    """A multi-valued item feature (e.g. genres) gets one column per slot after the sparse columns, its
+    vocabulary in schema item_array, and reaches the item tower as a mean of its values' embeddings."""
+    import torch
+
+    from dataset import FeatureSpec
+    from model import PRESETS, ItemTower
+
+    genres = {1: [3, 1], 2: [2], 3: [1, 2, 4], 4: []}
+    lines = [[item_rec(u, i, 1, 1_700_000_000 + 10 * u + i, {"100": i % 3 + 1, "111": genres[i]})
+              for i in (1, 2, 3, 4)] + [profile_rec(u, 1_700_000_100)] for u in (1, 2)]
+    data = write_data(tmp_path / "data", lines, itemnum=5)
+    stat = get_stat.run(data, tmp_path / "cache", chunk_bytes=300)
+    sc = stat["schema"]
+    assert sc["item_sparse"] == {"100": 4} and sc["item_array"] == {"111": 5} and sc["item_array_len"] == {"111": 3}
+    feat = np.load(tmp_path / "cache" / "item_feat.npy")
+    assert feat.tolist() == [[0, 0, 0, 0], [2, 3, 1, 0], [3, 2, 0, 0], [1, 1, 2, 4], [2, 0, 0, 0], [0, 0, 0, 0]]
+    spec = FeatureSpec.from_stat(stat)
+    assert spec.item_cols == 4
+    # inference-time features: values beyond the vocabulary or cold strings are dropped, the rest packed
+    assert spec.item_features({"100": 2, "111": [4, 9, "x", 1, 2]}).tolist() == [2, 4, 1, 2]
+
+    cfg = dataclasses.replace(PRESETS["small"], exclude_item_feats=())
+    tower = ItemTower(cfg, sc, itemnum=5)
+    emb = tower.array_emb[0].weight
+    with torch.no_grad():
+        emb.normal_()
+        emb[0].zero_()
+    x = torch.tensor([[0, 3, 1, 0], [0, 1, 3, 0]])  # the same set of values in another order
+    tower.mlp = torch.nn.Identity()  # look at the concatenated inputs
+    cat = tower(torch.zeros(2, dtype=torch.long), x)
+    pooled = cat[:, -cfg.feat_dim:]
+    torch.testing.assert_close(pooled[0], (emb[3] + emb[1]) / 2)
+    torch.testing.assert_close(pooled[0], pooled[1])
