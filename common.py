@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -48,21 +49,52 @@ _ALLOWED_GLOBALS = {
 }
 
 
+# Opt-in for numeric arrays (the real emb_81_32.pkl maps creative ids to numpy vectors): exactly the functions
+# numpy's own pickles call to rebuild an array or a scalar from a dtype and raw bytes. They run no other code,
+# and the elements of an object array still go through find_class, so the allowlist above still binds.
+_NUMPY_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),  # pickled by numpy 1.x
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),  # pickled by numpy 2.x
+}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
+    allowed = _ALLOWED_GLOBALS
+
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
+        if (module, name) in self.allowed:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain containers, numbers and strings are allowed")
 
 
-def safe_load_pickle(path: str | os.PathLike) -> Any:
-    """Load a pickle of plain containers/numbers/strings; anything that could run code is refused."""
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True: a checkpoint from elsewhere is data, never code. Anything it refuses
+    (or cannot read) is one DataError line."""
+    import torch  # here, not at the top: preprocessing never needs torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = " ".join(str(e).split())
+        if "weights only load failed" in why.lower():
+            detail = re.search(r"unsupported global \S+", why, re.IGNORECASE)
+            why = "refused: rebuilding it would run code" + (f" ({detail.group(0)})" if detail else "")
+        raise data_error(path, None, f"not a loadable checkpoint: {why[:300]}") from None
+
+
+def safe_load_pickle(path: str | os.PathLike, allow_numpy_arrays: bool = False) -> Any:
+    """Load a pickle of plain containers/numbers/strings (with `allow_numpy_arrays`, also numpy arrays and
+    scalars); anything that could run code is refused."""
     path = Path(path)
     if not path.exists():
         raise data_error(path, None, "file not found")
     try:
         with open(path, "rb") as f:
-            return _RestrictedUnpickler(io.BufferedReader(f)).load()
+            up = _RestrictedUnpickler(io.BufferedReader(f))
+            if allow_numpy_arrays:
+                up.allowed = _ALLOWED_GLOBALS | _NUMPY_GLOBALS
+            return up.load()
     except pickle.UnpicklingError as e:
         raise data_error(path, None, f"unsafe or invalid pickle ({e})") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError) as e:

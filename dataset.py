@@ -9,6 +9,7 @@ left-padded to N = maxlen + 1 positions. Action ids are action_type + 1 (1 expos
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,10 +240,11 @@ class EvalDataset(Dataset):
         user = user if isinstance(user, str) else str(user)
         target = 0
         if self.holdout_last:
-            if not items:
-                raise data_error(self.reader.path, line + 1, "a validation user needs at least one item")
             t = holdout_index(items)
-            target, cond = items[t][1], items[t][4] + 1
+            if items:  # a user without items has no target (0): rank_metrics leaves them out
+                target, cond = items[t][1], items[t][4] + 1
+            else:
+                cond = 2  # a click, as at inference without user_action_type
             items = items[:t]
         else:
             cond = int(self.target_action.get(user, 1)) + 1
@@ -320,3 +322,19 @@ def split_users(num_lines: int, num_val: int, seed: int, mode: str = "users") ->
         return np.arange(num_lines), np.sort(perm[:num_val])
     num_val = min(num_val, num_lines // 5)
     return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
+class RankBatches(Sampler[int]):
+    """Rank `rank`'s share of every global batch drawn from `sampler`: positions [rank·b, (rank+1)·b) of
+    each block of world·b indices. Together the ranks see exactly the batches one process would."""
+
+    def __init__(self, sampler: Sampler[int], local_batch: int, rank: int, world: int):
+        self.sampler, self.b, self.rank, self.world = sampler, local_batch, rank, world
+
+    def __iter__(self):
+        it, size = iter(self.sampler), self.b * self.world
+        while len(block := list(itertools.islice(it, size))) == size:
+            yield from block[self.rank * self.b:(self.rank + 1) * self.b]
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.world

@@ -100,7 +100,8 @@ def parse_chunk(lines: list[str], path: Path, first: int) -> pl.DataFrame:
     interaction_bad = item.is_not_null() & ((item <= 0) | act.is_null() | (act < 0) | (act > 2)
                                             | pl.col("ufeat").is_not_null())
     profile_bad = item.is_null() & (pl.col("ifeat").is_not_null() | act.is_not_null())
-    bad = df.filter(interaction_bad | profile_bad)
+    user_bad = ~pl.col("user").str.starts_with('"') & (pl.col("user").cast(pl.Int64, strict=False) <= 0)
+    bad = df.filter(interaction_bad | profile_bad | user_bad)
     if len(bad):
         ln = int(bad["ln"][0])
         parse_line(s[ln - first], str(path), ln)
@@ -122,6 +123,9 @@ class Stats:
         self.user_array_len: dict[str, int] = {}
         self.action_counts = np.zeros(3, np.int64)
         self.lengths: list[np.ndarray] = []
+        # tolerated oddities, counted for the summary (see README, troubleshooting)
+        self.users: list[pl.Series] = []  # each line's user id, to count duplicate users
+        self.unordered_users = 0  # lines whose item timestamps go backwards (kept in file order)
         self.min_ts, self.max_ts = None, None
         self.num_events = 0
 
@@ -140,7 +144,12 @@ class Stats:
         ts = df["ts"]
         self.min_ts = min(ts.min(), self.min_ts if self.min_ts is not None else ts.min())
         self.max_ts = max(ts.max(), self.max_ts if self.max_ts is not None else ts.max())
-        self.lengths.append(df.group_by("ln").agg(pl.col("item").count())["item"].to_numpy().astype(np.int32))
+        per_line = df.group_by("ln").agg(
+            pl.col("item").count().alias("n"), pl.col("user").first(),
+            (pl.col("ts").filter(pl.col("item").is_not_null()).diff() < 0).any().alias("unordered"))
+        self.lengths.append(per_line["n"].to_numpy().astype(np.int32))
+        self.users.append(per_line["user"])
+        self.unordered_users += int(per_line["unordered"].sum())
 
         # item features: the last record of each item in this chunk wins
         pairs = (last.select("item", pl.col("ifeat").str.extract_all(FEATURE_INT_RE).alias("kv")).explode("kv")
@@ -256,6 +265,12 @@ def run(data_dir: Path, cache_dir: Path, chunk_bytes: int = 64 << 20, force: boo
             "user_array": {fid: _vocab(f, fid, stats.user_max[fid]) for fid in user_fids if fid in stats.user_array_len},
         },
         "user_array_maxlen": dict(sorted(stats.user_array_len.items(), key=lambda kv: int(kv[0]))),
+        "tolerated": {
+            "users_without_items": int((lengths == 0).sum()),
+            "duplicate_users": int(len(lengths) - pl.concat(stats.users).n_unique()),
+            "unordered_users": stats.unordered_users,
+            "features_not_in_indexer": sorted(set(item_fids + array_fids + user_fids) - set(f), key=int),
+        },
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_npy(stats.item_count, cache_dir / "item_count.npy")
@@ -277,7 +292,16 @@ def summary(stat: dict) -> str:
             f"  actions: exposure {int(a['0']) / n:.1%}, click {int(a['1']) / n:.1%}, conversion {int(a['2']) / n:.1%}\n"
             f"  events per user: min {s['min']}, mean {s['mean']:.1f}, p95 {s['p95']:.0f}, max {s['max']}\n"
             f"  features: item {list(sc['item_sparse'])}, item arrays {list(sc['item_array'])}, user {list(sc['user_sparse'])}, "
-            f"user arrays {list(sc['user_array'])}")
+            f"user arrays {list(sc['user_array'])}" + "".join(
+                f"\n  note: {TOLERATED[k]}: {v}" for k, v in stat.get("tolerated", {}).items() if v))
+
+
+TOLERATED = {
+    "users_without_items": "users with a profile but no items (nothing to train on or validate)",
+    "duplicate_users": "lines repeating an earlier line's user id (each line is its own sequence)",
+    "unordered_users": "lines whose timestamps go backwards (kept in file order)",
+    "features_not_in_indexer": "feature ids absent from indexer.pkl (vocabulary from the data's largest value)",
+}
 
 
 @exit_on_data_error

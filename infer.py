@@ -9,6 +9,11 @@ user's target action type as the condition; exact top-K by chunked matrix produc
 user's history are skipped unless --keep-history. Writes RESULT_DIR/result.json
 ({"top10s": [[creative ids]], "user": [raw user ids]}, aligned, in predict_seq order, whatever K is) and
 RESULT_DIR/results.csv (user, rank, creative_id, score), both atomically.
+
+A model trained with --mm-emb-id also needs its multimodal vectors: the feature ids come from the checkpoint,
+the vectors from a creative_emb folder (--mm-emb-dir; default EVAL_DIR/creative_emb, else
+$TRAIN_DATA_PATH/creative_emb), converted into tables in --cache-dir ($USER_CACHE_PATH) unless the tables
+there are up to date (then, e.g. after training on this machine, nothing is converted again).
 """
 from __future__ import annotations
 
@@ -26,8 +31,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import DataError, atomic_write, data_error, env_default, exit_on_data_error
+from common import DataError, atomic_write, data_error, env_default, exit_on_data_error, safe_torch_load
 from dataset import EvalDataset, FeatureSpec, SeqReader, collate
+from distributed import barrier, cleanup, setup
+from mm_emb import MMFeatures, emb_dir_of, ensure_tables, has_table, with_mm
 from model import HSTUModel, ModelConfig
 from retrieval import topk_chunked
 
@@ -50,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set-chunk", type=int, default=65536, help="predict_set lines parsed and encoded at once (default 65536)")
     p.add_argument("--num-workers", type=int, default=min(4, max((os.cpu_count() or 1) - 1, 0)),
                    help="processes reading predict_seq (default: min(4, CPUs - 1))")
+    p.add_argument("--mm-emb-dir", default="",
+                   help="models trained with --mm-emb-id only: the creative_emb folder with the vectors (of training "
+                        "and cold candidate items; default: EVAL_DIR/creative_emb, else $TRAIN_DATA_PATH/creative_emb). "
+                        "The feature ids come from the checkpoint")
+    p.add_argument("--cache-dir", default=env_default("USER_CACHE_PATH", "./cache"),
+                   help="models trained with --mm-emb-id only: where the multimodal tables are built, or reused when "
+                        "up to date, e.g. the ones training built (env USER_CACHE_PATH, default ./cache)")
     return p
 
 
@@ -58,10 +72,11 @@ def load_model(model_dir: Path, device: torch.device) -> tuple[HSTUModel, Featur
     path = model_dir / "model.pt"
     if not path.exists():
         raise data_error(path, None, "not found: expected a checkpoint folder checkpoints/global_stepN/")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = safe_torch_load(path)
     cfg, stat = ModelConfig.from_dict(ck["model_config"]), ck["stat"]
-    if cfg.mm_dims:
-        raise data_error(path, None, "the model takes multimodal item inputs (mm_dims); inference does not provide them")
+    if cfg.mm_dims and not cfg.mm_fids:
+        raise data_error(path, None, "the model takes dense item inputs (mm_dims) without their creative_emb feature "
+                         "ids (mm_fids): inference cannot tell which vectors to read")
     spec = FeatureSpec.from_stat(stat)
     model = HSTUModel(cfg, stat["schema"], stat["itemnum"])
     try:
@@ -75,6 +90,29 @@ def load_model(model_dir: Path, device: torch.device) -> tuple[HSTUModel, Featur
         raise data_error(model_dir, None, f"item_feat.npy {item_feat.shape} / item_raw_id.npy {item_raw_id.shape} "
                          f"do not match the model ({n} rows, {spec.item_cols} feature columns)")
     return model.to(device).eval(), spec, item_feat, item_raw_id
+
+
+def load_multimodal(cfg: ModelConfig, mm_emb_dir: str, eval_dir: Path, cache_dir: Path,
+                    item_raw_id: np.ndarray) -> MMFeatures | None:
+    """The tables of a model trained with --mm-emb-id (its mm_fids), built from a creative_emb folder into the
+    cache folder, or reused there when up to date (the same source files and indexer, e.g. training's tables)."""
+    if not cfg.mm_fids:
+        return None
+    if mm_emb_dir:
+        src = Path(mm_emb_dir)
+    else:
+        options = [eval_dir / "creative_emb", emb_dir_of(env_default("TRAIN_DATA_PATH", "./data"))]
+        src = next((p for p in options if p.is_dir()), None)
+        if src is None:
+            if all(has_table(cache_dir, f, d, item_raw_id) for f, d in zip(cfg.mm_fids, cfg.mm_dims)):
+                print(f"infer: no creative_emb folder; using the multimodal tables in {cache_dir}", file=sys.stderr)
+                return MMFeatures(cache_dir, cfg.mm_fids, cfg.mm_dims)
+            raise data_error(options[0], None, f"not found (nor {options[1]}): the model reads multimodal features "
+                             f"{' '.join(cfg.mm_fids)}; give their creative_emb folder with --mm-emb-dir")
+    fids, dims = ensure_tables(src, cache_dir, cfg.mm_fids, item_raw_id)
+    if dims != cfg.mm_dims:
+        raise data_error(src, None, f"multimodal dims {dims} (from the names) differ from the model's {cfg.mm_dims}")
+    return MMFeatures(cache_dir, fids, dims)
 
 
 class RawIds:
@@ -119,20 +157,33 @@ def iter_predict_set(path: Path, chunk: int) -> Iterator[tuple[np.ndarray, list[
 
 
 @torch.no_grad()
-def encode_items(model: HSTUModel, ids: np.ndarray, feats: np.ndarray, device: torch.device) -> Tensor:
-    """(n,) re-ids (0 = cold), (n, Fi) feature ids -> (n, D) float32 candidate vectors."""
+def encode_items(model: HSTUModel, ids: np.ndarray, feats: np.ndarray, device: torch.device,
+                 mm: np.ndarray | None = None) -> Tensor:
+    """(n,) re-ids (0 = cold), (n, Fi) feature ids, (n, sum of mm dims) dense rows -> (n, D) float32 vectors."""
+    rows = torch.from_numpy(mm).to(device) if mm is not None else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        v = model.item_vectors(torch.from_numpy(ids).to(device), torch.from_numpy(feats).to(device))
+        v = model.item_vectors(torch.from_numpy(ids).to(device), torch.from_numpy(feats).to(device), rows)
     return v.float()
 
 
 def load_candidates(model: HSTUModel, eval_dir: Path, spec: FeatureSpec, item_feat: np.ndarray,
-                    item_raw_id: np.ndarray, device: torch.device, chunk: int) -> tuple[np.ndarray, Tensor]:
+                    item_raw_id: np.ndarray, device: torch.device, chunk: int,
+                    mm: MMFeatures | None = None) -> tuple[np.ndarray, Tensor]:
     """-> (creative ids (M,), vectors (M, D)). A training item (its raw id is in item_raw_id) gets its id
     embedding and its training features, as the model saw it; a cold item gets id 0 and its own features,
-    with unseen or string values as padding. Duplicate creative ids keep their first line."""
+    with unseen or string values as padding. Duplicate creative ids keep their first line. With multimodal
+    inputs a training item gets its table row, a cold item its own vector where the source has one (else a
+    zero row, which the item tower counts as absent)."""
     path = eval_dir / "predict_set.jsonl"
     cids, vecs = [], []
+
+    def encode(reid: np.ndarray, feats: np.ndarray, raw: np.ndarray) -> Tensor:
+        if mm is None:
+            return encode_items(model, reid, feats, device)
+        step = max(1024, (256 << 20) // (4 * mm.dim))  # dense rows are wide: about 256 MB of them at once
+        return torch.cat([encode_items(model, reid[s:s + step], feats[s:s + step], device,
+                                       mm.vectors(reid[s:s + step], raw[s:s + step])) for s in range(0, len(reid), step)])
+
     if path.exists():
         index = RawIds(item_raw_id)
         for c, fe in iter_predict_set(path, chunk):
@@ -141,14 +192,14 @@ def load_candidates(model: HSTUModel, eval_dir: Path, spec: FeatureSpec, item_fe
             for j in np.flatnonzero(reid == 0):
                 feats[j] = spec.item_features(fe[j])
             cids.append(c)
-            vecs.append(encode_items(model, reid, feats, device))
+            vecs.append(encode(reid, feats, c))
     else:
         print(f"infer: no {path.name} in {eval_dir}: every training item is a candidate", file=sys.stderr)
         reids = np.flatnonzero(item_raw_id > 0)  # items without a raw id could not be reported
         for s in range(0, len(reids), chunk):
             r = reids[s:s + chunk]
             cids.append(item_raw_id[r])
-            vecs.append(encode_items(model, r, np.asarray(item_feat[r], dtype=np.int64), device))
+            vecs.append(encode(r, np.asarray(item_feat[r], dtype=np.int64), item_raw_id[r]))
     if not cids:
         raise data_error(path, None, "no candidates")
     all_c, all_v = np.concatenate(cids), torch.cat(vecs)
@@ -198,32 +249,28 @@ def main(argv: list[str] | None = None) -> dict:
         build_parser().error("--model-dir is required (or set MODEL_OUTPUT_PATH)")
     if args.topk < 1:
         build_parser().error("--topk must be >= 1")
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    d, device = setup(args.device)  # under torchrun each rank takes a share of the users
     eval_dir, result_dir = Path(args.eval_dir), Path(args.result_dir)
     model, spec, item_feat, item_raw_id = load_model(Path(args.model_dir), device)
-    cids, cand = load_candidates(model, eval_dir, spec, item_feat, item_raw_id, device, args.set_chunk)
+    mm = load_multimodal(model.cfg, args.mm_emb_dir, eval_dir, Path(args.cache_dir), item_raw_id)
+    cids, cand = load_candidates(model, eval_dir, spec, item_feat, item_raw_id, device, args.set_chunk, mm)
     cand_order = np.argsort(cids, kind="stable")
     cand_sorted = cids[cand_order]
 
     actions = load_target_actions(eval_dir / "user_action_type.json")
     reader = SeqReader(eval_dir / "predict_seq.jsonl", eval_dir / "predict_seq_offsets.pkl")
-    data = EvalDataset(reader, np.arange(len(reader)), item_feat, item_raw_id, spec, model.cfg.maxlen,
-                       target_action=actions)
-    loader = DataLoader(data, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
-    print(f"infer: {len(data)} users, {len(cids)} candidates, top-{args.topk}, device {device}", file=sys.stderr)
+    lines = np.array_split(np.arange(len(reader)), d.world)[d.rank]  # under torchrun: this rank's users
+    data = EvalDataset(reader, lines, item_feat, item_raw_id, spec, model.cfg.maxlen, target_action=actions)
+    loader = DataLoader(with_mm(data, mm), batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    if d.main:
+        print(f"infer: {len(reader)} users, {len(cids)} candidates, top-{args.topk}, device {device}, "
+              f"ranks {d.world}", file=sys.stderr)
 
-    users, missing = [], 0
-    with contextlib.ExitStack() as stack:
-        fj = stack.enter_context(atomic_write(result_dir / "result.json", "w"))
-        fc = stack.enter_context(atomic_write(result_dir / "results.csv", "w"))
-        table = csv.writer(fc, lineterminator="\n")
-        table.writerow(["user", "rank", "creative_id", "score"])
-        fj.write('{"top10s": [')  # rows are streamed; the user list follows them
-        bar = tqdm(total=len(data), unit="user", desc="infer", dynamic_ncols=True, mininterval=1.0)
-        try:
+    bar = tqdm(total=len(reader), unit="user", desc="infer", dynamic_ncols=True, mininterval=1.0, disable=not d.main)
+    try:
+        with atomic_write(shard_path(result_dir, d.rank), "w") as shard:
             for batch in loader:
                 uid = batch["user_id"]  # raw user ids, str
-                missing += sum(u not in actions for u in uid)
                 exclude = None if args.keep_history else history_positions(batch["history_raw"], cand_order,
                                                                             cand_sorted).to(device)
                 batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and not k.startswith("history")}
@@ -234,21 +281,50 @@ def main(argv: list[str] | None = None) -> dict:
                 scores, pos = scores.cpu().numpy(), pos.cpu().numpy()  # (B, K)
                 for i, user in enumerate(uid):
                     ok = pos[i] >= 0  # fewer than K remain only when the candidates run out
-                    top = cids[pos[i][ok]].tolist()
+                    shard.write(json.dumps([user, cids[pos[i][ok]].tolist(), np.round(scores[i][ok], 6).tolist()]) + "\n")
+                bar.update(len(uid) * d.world)  # the ranks advance together
+    except DataError as e:
+        raise _one_line(e) from None
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts a line of its own
+    barrier(d)
+    out = merge_shards(result_dir, d.world, actions) if d.main else {}
+    barrier(d)  # no rank leaves (and no caller reads result.json) before it is complete
+    cleanup(d)
+    if d.main:
+        if out["missing_action"]:
+            absent = "" if (eval_dir / "user_action_type.json").exists() else " (the file is absent)"
+            print(f"infer: warning: {out['missing_action']} of {out['users']} users are missing from "
+                  f"user_action_type.json{absent} and get the click condition", file=sys.stderr)
+        print(f"infer: wrote {out['result']} and {out['csv']}", file=sys.stderr)
+    return out
+
+
+def shard_path(result_dir: Path, rank: int) -> Path:
+    return result_dir / f".result.rank{rank}.jsonl"
+
+
+def merge_shards(result_dir: Path, world: int, actions: dict[str, int]) -> dict:
+    """The ranks' shards ([user, top ids, scores] per line, users in predict_seq order within a shard and
+    shards in rank order) -> result.json and results.csv, written atomically; the shards are removed."""
+    users, missing = [], 0
+    with contextlib.ExitStack() as stack:
+        fj = stack.enter_context(atomic_write(result_dir / "result.json", "w"))
+        fc = stack.enter_context(atomic_write(result_dir / "results.csv", "w"))
+        table = csv.writer(fc, lineterminator="\n")
+        table.writerow(["user", "rank", "creative_id", "score"])
+        fj.write('{"top10s": [')  # rows are streamed; the user list follows them
+        for rank in range(world):
+            with open(shard_path(result_dir, rank)) as shard:
+                for line in shard:
+                    user, top, scores = json.loads(line)
                     fj.write(("," if users else "") + json.dumps(top))
-                    table.writerows([user, r + 1, c, f"{s:.6f}"] for r, (c, s) in enumerate(zip(top, scores[i][ok])))
+                    table.writerows([user, r + 1, c, f"{s:.6f}"] for r, (c, s) in enumerate(zip(top, scores)))
                     users.append(user)
-                bar.update(len(uid))
-        except DataError as e:
-            raise _one_line(e) from None
-        finally:
-            bar.close()  # ends the bar's line, so an error message starts a line of its own
+                    missing += user not in actions
         fj.write('], "user": ' + json.dumps(users) + "}\n")
-    if missing:
-        absent = "" if (eval_dir / "user_action_type.json").exists() else " (the file is absent)"
-        print(f"infer: warning: {missing} of {len(users)} users are missing from user_action_type.json{absent} "
-              "and get the click condition", file=sys.stderr)
-    print(f"infer: wrote {result_dir / 'result.json'} and {result_dir / 'results.csv'}", file=sys.stderr)
+    for rank in range(world):
+        shard_path(result_dir, rank).unlink()
     return {"users": len(users), "result": str(result_dir / "result.json"), "csv": str(result_dir / "results.csv"),
             "missing_action": missing}
 

@@ -2,8 +2,9 @@
 
 Shapes: R target rows (positions whose next token is an item, padding excluded), D hidden,
 C = 2R candidate columns (the R global negatives, then the R in-batch positives).
-Memory: the logits are built chunk_rows rows at a time and each chunk is checkpointed, so neither
-forward nor backward ever holds more than one (chunk_rows, 2R) block of logits (and its mask).
+Memory: the logits are built chunk_rows rows at a time (by default as many rows as make CHUNK_LOGITS) and,
+when there is more than one chunk, each is checkpointed, so neither forward nor backward ever holds more
+than one (chunk_rows, C) block of logits (and its mask).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 Tensor = torch.Tensor
 
 DEFAULT_CURRICULUM = "20000:8192:0.5,130000:128:0.25"
+CHUNK_LOGITS = 1 << 26  # logits per chunk of rows: bounds the loss's memory (see sampled_softmax_loss)
 
 
 def log_q_from_counts(counts: np.ndarray | Tensor, alpha: float = 0.75) -> Tensor:
@@ -93,24 +95,21 @@ def _masked_columns(rseq: Tensor, row_seq: Tensor, pos_u: Tensor, cand_u: Tensor
     return member[:, cand_u][local]  # (S_c, C) -> (r, C)
 
 
-def _chunk_loss(q: Tensor, cand: Tensor, rseq: Tensor, row_seq: Tensor, pos_u: Tensor, cand_u: Tensor, *,
-                start: int, inv_tau: float, num_global: int, num_items: int, has_pad: bool,
-                kg: int | None, ki: int | None) -> Tensor:
-    """Sum over the chunk's rows start..start+r of logsumexp([pos, kept negs]) - pos.
-    q (r, D); cand (C, D+1) = [candidate vector, -log_q[item]], so one matmul gives cos/τ - log_q."""
+def _chunk_loss(q: Tensor, pos: Tensor, cand: Tensor, rseq: Tensor, row_seq: Tensor, pos_u: Tensor, cand_u: Tensor,
+                *, inv_tau: float, num_global: int, num_items: int, has_pad: bool, kg: int | None,
+                ki: int | None) -> Tensor:
+    """Sum over the chunk's rows of logsumexp([pos, kept negs]) - pos.
+    q (r, D); pos (r, D+1) and cand (C, D+1) = [vector, -log_q[item]], so one matmul gives cos/τ - log_q."""
     with torch.autocast(device_type=q.device.type, enabled=False):  # logits in (at least) fp32
         r = q.shape[0]
         qa = torch.cat([q.to(cand.dtype) * inv_tau, q.new_ones(r, 1, dtype=cand.dtype)], dim=1)  # (r, D+1)
+        pos_logit = (qa * pos).sum(1)  # (r,)
         logits = qa @ cand.T  # (r, C)
-        rows = torch.arange(r, device=q.device)
-        own = rows + num_global + start  # each row's positive is also its own in-batch column
-        pos_logit = logits[rows, own]  # (r,)
+        # the row's own positive is among its sequence's positives: it enters once, as pos_logit
         masked = _masked_columns(rseq, row_seq, pos_u, cand_u, num_items, has_pad)  # (r, C)
-        if kg is None:
-            masked[rows, own] = False  # the positive enters the logsumexp exactly once, through its column
         logits.masked_fill_(masked, float("-inf"))  # in place: the matmul's backward needs only its inputs
         if kg is None:
-            return (torch.logsumexp(logits, dim=1) - pos_logit).sum()
+            return (torch.logaddexp(torch.logsumexp(logits, dim=1), pos_logit) - pos_logit).sum()
         # masked columns stay -inf through top-k, so a short group contributes only what it has
         g = logits[:, :num_global].topk(min(kg, num_global), dim=1).values
         b = logits[:, num_global:].topk(min(ki, logits.shape[1] - num_global), dim=1).values
@@ -118,37 +117,67 @@ def _chunk_loss(q: Tensor, cand: Tensor, rseq: Tensor, row_seq: Tensor, pos_u: T
         return (torch.logsumexp(terms, dim=1) - pos_logit).sum()
 
 
+def candidate_columns(r_total: int, num_candidates: int | None, device: torch.device,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor] | None:
+    """Which global negatives and which in-batch positives are columns: None = all 2R; else a uniform sample
+    of num_candidates // 2 global and the rest in-batch, shared by every row. `generator` (CPU): training
+    seeds one from (seed, step), so every rank and a resumed run draw the same columns."""
+    if num_candidates is None or num_candidates >= 2 * r_total:
+        return None
+    kg = min(num_candidates // 2, r_total)
+    keep_g = torch.randperm(r_total, generator=generator)[:kg].to(device)
+    keep_b = torch.randperm(r_total, generator=generator)[:num_candidates - kg].to(device)
+    return keep_g, keep_b
+
+
 def sampled_softmax_loss(query: Tensor, pos: Tensor, pos_ids: Tensor, row_seq: Tensor, neg: Tensor,
                          neg_ids: Tensor, log_q: Tensor, temperature: float = 0.01, hard_k: int | None = None,
-                         global_share: float = 0.5, chunk_rows: int = 2048) -> Tensor:
+                         global_share: float = 0.5, chunk_rows: int | None = None,
+                         columns: tuple[Tensor, Tensor] | None = None,
+                         gathered: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Mean over rows of the sampled softmax loss (scalar).
 
     query (R, D) normalised outputs at target rows; pos (R, D) their positives' vectors, pos_ids (R,);
     row_seq (R,) sequence index of each row; neg (R, D) one global negative per row, neg_ids (R,);
-    log_q (itemnum+1,). Logit = cos / temperature - log_q[item], positives included. Masked columns:
-    in-batch positives of the row's own sequence, any column whose item is a positive of the row's
-    sequence, and item id 0. hard_k: keep the top hard_k negatives per row, round(hard_k * global_share)
-    of them from the global columns and the rest from the in-batch ones (fewer if fewer are valid)."""
+    log_q (itemnum+1,). Candidate columns: the R global negatives and the R in-batch positives, or only
+    `columns` = (global rows kept, in-batch rows kept) of them (see candidate_columns).
+    Logit = cos / temperature - log_q[item], positives included. Masked columns: any column whose item is
+    a positive of the row's sequence (every in-batch column of the same sequence included), and item id 0.
+    hard_k: keep the top hard_k negatives per row, round(hard_k * global_share) of them from the global
+    columns and the rest from the in-batch ones (fewer if fewer are valid).
+    gathered: (pos, pos_ids, row_seq, neg, neg_ids) of every rank's rows (row_seq numbered across ranks, the
+    local rows' row_seq in the same numbering): the columns and the false-negative sets then come from the
+    whole global batch, as in one process, while the rows stay local."""
     r_total = query.shape[0]
     if r_total == 0:
         return query.sum() * 0.0
     dtype = torch.promote_types(query.dtype, torch.float32)
-    cand_ids = torch.cat([neg_ids, pos_ids]).long()  # (C,) global negatives, then in-batch positives
-    items, cand_u = torch.unique(cand_ids, return_inverse=True)  # compact item ids for the mask
-    lq = log_q.to(device=query.device, dtype=dtype)[cand_ids]  # (C,)
+    all_pos, all_pos_ids, all_row_seq, col_neg, col_neg_ids = gathered or (pos, pos_ids, row_seq, neg, neg_ids)
+    col_pos, col_pos_ids = all_pos, all_pos_ids
+    if columns is not None:
+        keep_g, keep_b = columns
+        col_neg, col_neg_ids, col_pos, col_pos_ids = col_neg[keep_g], col_neg_ids[keep_g], col_pos[keep_b], col_pos_ids[keep_b]
+    num_global = col_neg_ids.numel()
+    cand_ids = torch.cat([col_neg_ids, col_pos_ids]).long()  # (C,) global negatives, then in-batch positives
+    items, inverse = torch.unique(torch.cat([cand_ids, all_pos_ids.long()]), return_inverse=True)  # compact ids
+    cand_u, pos_u = inverse[:cand_ids.numel()], inverse[cand_ids.numel():]  # (C,), (R_all,)
+    lq = log_q.to(device=query.device, dtype=dtype)
     with torch.autocast(device_type=query.device.type, enabled=False):
-        cand = torch.cat([torch.cat([neg, pos], dim=0).to(dtype), -lq[:, None]], dim=1)  # (C, D+1)
-    row_seq = row_seq.long()
+        cand = torch.cat([torch.cat([col_neg, col_pos], dim=0).to(dtype), -lq[cand_ids][:, None]], dim=1)  # (C, D+1)
+        pos_aug = torch.cat([pos.to(dtype), -lq[pos_ids.long()][:, None]], dim=1)  # (R, D+1)
+    row_seq, all_row_seq = row_seq.long(), all_row_seq.long()
+    if chunk_rows is None:  # chunks of ~64M logits (256 MB in fp32): one chunk, no recompute, when all fit
+        chunk_rows = max(256, CHUNK_LOGITS // max(cand_ids.numel(), 1))
     kg, ki = _split_k(hard_k, global_share) if hard_k is not None else (None, None)
-    common = dict(inv_tau=1.0 / temperature, num_global=r_total, num_items=items.numel(),
+    common = dict(inv_tau=1.0 / temperature, num_global=num_global, num_items=items.numel(),
                   has_pad=bool(items[0] == 0), kg=kg, ki=ki)
     # one chunk: plain autograd (nothing to save by recomputing); several: checkpoint each chunk
-    use_ckpt = r_total > chunk_rows and torch.is_grad_enabled() and any(t.requires_grad for t in (query, pos, neg))
+    use_ckpt = r_total > chunk_rows and torch.is_grad_enabled() and any(t.requires_grad for t in (query, pos, neg, cand))
     total = query.new_zeros((), dtype=dtype)
     for s in range(0, r_total, chunk_rows):
         e = min(s + chunk_rows, r_total)
-        fn = partial(_chunk_loss, start=s, **common)
-        args = (query[s:e], cand, row_seq[s:e], row_seq, cand_u[r_total:], cand_u)
+        fn = partial(_chunk_loss, **common)
+        args = (query[s:e], pos_aug[s:e], cand, row_seq[s:e], all_row_seq, pos_u, cand_u)
         # checkpoint: backward recomputes this chunk's logits instead of keeping every chunk's alive
         total = total + (checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args))
     return total / r_total

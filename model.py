@@ -32,12 +32,16 @@ class ModelConfig:
     rel_pos_bias: bool = True  # also a learned attention bias per head per distance i - j
     exclude_item_feats: tuple[str, ...] = ("111",)
     mm_dims: tuple[int, ...] = ()  # widths of optional dense (multimodal) item inputs
+    mm_fids: tuple[str, ...] = ()  # their creative_emb feature ids (one per mm_dims entry), for inference
     model: str = "hstu"  # "hstu" or "sasrec"
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists
         self.exclude_item_feats = tuple(str(f) for f in self.exclude_item_feats)
         self.mm_dims = tuple(int(d) for d in self.mm_dims)
+        self.mm_fids = tuple(str(f) for f in self.mm_fids)
+        if self.mm_fids and len(self.mm_fids) != len(self.mm_dims):
+            raise ValueError(f"mm_fids {self.mm_fids} and mm_dims {self.mm_dims} must pair up")
         if self.hidden % self.num_heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})")
         if self.model not in ("hstu", "sasrec"):
@@ -109,14 +113,15 @@ class ItemTower(nn.Module):
         self.feat_emb = nn.ModuleList(
             nn.Embedding(schema["item_sparse"][f], cfg.feat_dim, padding_idx=0) for f in self.feat_fids)
         self.array_emb = nn.ModuleList(nn.Embedding(arrays[f], cfg.feat_dim, padding_idx=0) for f in self.array_fids)
+        self.mm_dims = list(cfg.mm_dims)
         self.mm_proj = nn.ModuleList(
             nn.Sequential(nn.Linear(d, cfg.feat_dim), nn.LayerNorm(cfg.feat_dim)) for d in cfg.mm_dims)
         in_dim = cfg.id_dim + cfg.feat_dim * (len(kept) + len(self.array_fids) + len(cfg.mm_dims))
         self.drop = nn.Dropout(cfg.emb_dropout)
         self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
 
-    def forward(self, item_ids: Tensor, item_feats: Tensor, mm: list[Tensor] | None = None) -> Tensor:
-        # item_ids (...), item_feats (..., Fi), mm[k] (..., mm_dims[k]) -> (..., D)
+    def forward(self, item_ids: Tensor, item_feats: Tensor, mm: list[Tensor] | Tensor | None = None) -> Tensor:
+        # item_ids (...), item_feats (..., Fi), mm[k] (..., mm_dims[k]) or one (..., sum(mm_dims)) -> (..., D)
         if item_feats.shape[-1] != self.num_cols:
             raise ValueError(f"item_feats has {item_feats.shape[-1]} columns, schema has {self.num_cols}")
         feats = item_feats.index_select(-1, self.feat_cols)  # (..., F_kept)
@@ -126,9 +131,16 @@ class ItemTower(nn.Module):
             n = (ids > 0).sum(-1, keepdim=True).clamp(min=1)
             parts.append(emb(ids).sum(-2) / n)  # mean of the present values (padding embeds to 0)
         if len(self.mm_proj):
+            if torch.is_tensor(mm):  # the data loader's concatenated rows
+                if mm.shape[-1] != sum(self.mm_dims):
+                    raise ValueError(f"dense item inputs have width {mm.shape[-1]}, mm_dims sum to {sum(self.mm_dims)}")
+                mm = mm.split(self.mm_dims, dim=-1)
             if mm is None or len(mm) != len(self.mm_proj):
                 raise ValueError(f"expected {len(self.mm_proj)} dense item inputs (mm_dims)")
-            parts += [proj(m.to(parts[0].dtype)) for proj, m in zip(self.mm_proj, mm)]
+            # an all-zero row means "no vector" (row 0, an item the source lacks): its projection is multiplied
+            # by 0, so it contributes exactly zero instead of the LayerNorm's bias
+            dt = parts[0].dtype
+            parts += [proj(m.to(dt)) * (m != 0).any(-1, keepdim=True).to(dt) for proj, m in zip(self.mm_proj, mm)]
         return self.mlp(self.drop(torch.cat(parts, dim=-1)))
 
 
@@ -210,7 +222,9 @@ class HSTULayer(nn.Module):
         # ts (B, N) -> relative attention bias (B, H, N, N)
         if buckets is None:
             buckets = time_buckets(ts, self.num_buckets, self.max_dt)
-        bias = self.ts_bias(buckets)  # (B, N, N, H)
+        # index_select, not the Embedding call: its backward is one index_add, where Embedding's dense
+        # backward sorts the B·N·N indices first (~10x slower on the CPU for a table of a few dozen rows)
+        bias = self.ts_bias.weight.index_select(0, buckets.reshape(-1)).view(*buckets.shape, -1)  # (B, N, N, H)
         if self.pos_bias is not None:
             i = torch.arange(ts.shape[1], device=ts.device)
             rel = (i[:, None] - i[None, :]).clamp(0, self.pos_bias.num_embeddings - 1)  # (N, N)

@@ -54,8 +54,8 @@ def check_record(rec: Any) -> str | None:
         n = len(rec) if isinstance(rec, list) else type(rec).__name__
         return f"expected a record of 6 fields {RECORD_HELP}, got {n}"
     user, item, ufeat, ifeat, action, ts = rec
-    if not (_is_int(user) or isinstance(user, str)):
-        return f"user_id must be an int or a string, got {user!r}"
+    if not ((_is_int(user) and user > 0) or isinstance(user, str)):
+        return f"user_id must be a positive int (or a raw id string), got {user!r}"
     if not _is_int(ts):
         return f"timestamp must be an int (Unix seconds), got {ts!r}"
     if item is None:  # user-profile record

@@ -141,7 +141,9 @@ def topk_reference(users: Tensor, items: Tensor, k: int, exclude: Tensor | None 
 
 def rank_metrics(topk: np.ndarray, target: np.ndarray, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
     """topk (U, K) ranked ids, target (U,) one id per user. HitRate@k, NDCG@k (= 1/log2(rank+1), rank from 1),
-    MRR over the retrieved list, and the competition Score = 0.31·HR@10 + 0.69·NDCG@10."""
+    MRR over the retrieved list, and the competition Score = 0.31·HR@10 + 0.69·NDCG@10. Users whose target is
+    0 (nothing to hold out: a user without items) are left out."""
+    topk, target = topk[target > 0], target[target > 0]
     hit = topk == target[:, None]  # (U, K)
     rank = np.where(hit.any(1), hit.argmax(1) + 1, 0)  # 0: not retrieved
     out = {}

@@ -123,7 +123,36 @@ BAD_LINES = {
     "bad action": ('[[1, 2, null, {"100": 1}, 7, 100]]', r"seq.jsonl:2: record 0: action_type must be 0, 1 or 2"),
     "empty line": ("", r"seq.jsonl:2: empty line"),
     "item beyond indexer": ('[[1, 99, null, {"100": 1}, 0, 100]]', r"seq.jsonl:2: item id 99 is beyond the indexer"),
+    "item id 0": ('[[1, 0, null, {"100": 1}, 0, 100]]', r"seq.jsonl:2: record 0: item_id must be a positive int"),
+    "user id 0": ('[[0, 2, null, {"100": 1}, 0, 100]]', r"seq.jsonl:2: record 0: user_id must be a positive int"),
+    "float feature": ('[[1, 2, null, {"100": 1.5}, 0, 100]]', r"seq.jsonl:2: record 0: item_feature feature 100 has a value of type float"),
+    "dict feature": ('[[1, 2, null, {"100": {"a": 1}}, 0, 100]]', r"seq.jsonl:2: record 0: item_feature feature 100 has a value of type dict"),
+    "interaction with user features": ('[[1, 2, {"103": 1}, {"100": 1}, 0, 100]]', r"seq.jsonl:2: record 0: an interaction record must have user_feature null"),
 }
+
+
+def test_truncated_last_line_and_empty_file(tmp_path):
+    data = write_data(tmp_path / "data", [], 5, users=2, raw_lines=[GOOD, GOOD[:-9]])
+    with pytest.raises(DataError, match=r"seq.jsonl:2: invalid JSON .* the line may be truncated"):
+        get_stat.run(data, tmp_path / "cache")
+    (data / "seq.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"seq.jsonl: empty file"):
+        get_stat.run(data, tmp_path / "cache")
+
+
+def test_tolerated_oddities_are_counted(tmp_path, capsys):
+    """Kept as they are, but counted in stat.json and the summary: a user without items, a user on two lines,
+    timestamps going backwards, a feature id the indexer does not know."""
+    lines = [[item_rec(1, 2, 0, 100), profile_rec(1, 100)],
+             [profile_rec(2, 100)],
+             [item_rec(3, 2, 0, 300), item_rec(3, 3, 1, 200), profile_rec(3, 300)],
+             [item_rec(1, 4, 0, 500, {"100": 1, "150": 2}), profile_rec(1, 500)]]
+    data = write_data(tmp_path / "data", lines, 5, users=3)
+    stat = get_stat.run(data, tmp_path / "cache", chunk_bytes=200)
+    assert stat["tolerated"] == {"users_without_items": 1, "duplicate_users": 1, "unordered_users": 1,
+                                 "features_not_in_indexer": ["150"]}
+    out = capsys.readouterr().out
+    assert "users with a profile but no items (nothing to train on or validate): 1" in out and "timestamps go backwards" in out
 
 
 @pytest.mark.parametrize("kind", list(BAD_LINES))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loss import (curriculum, log_q_from_counts, parse_curriculum, sampled_softmax_loss,  # noqa: E402
+from loss import (candidate_columns, curriculum, log_q_from_counts, parse_curriculum, sampled_softmax_loss,  # noqa: E402
                   sampled_softmax_loss_reference)
 
 D = 8
@@ -198,7 +198,7 @@ def test_log_q_from_counts():
 
 def test_backward_keeps_no_full_logit_matrix():
     # every tensor autograd saves for backward is recorded; checkpointed chunks save only their inputs
-    rows = make_rows(7, num_seqs=16)
+    rows = make_rows(7, num_seqs=64)
     r = rows["query"].shape[0]
     storages = {}
 
@@ -213,9 +213,56 @@ def test_backward_keeps_no_full_logit_matrix():
     for fn in (sampled_softmax_loss, dense):
         storages.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = fn(**rows, chunk_rows=4) if fn is sampled_softmax_loss else fn(**rows)
+            loss = fn(**rows, chunk_rows=16) if fn is sampled_softmax_loss else fn(**rows)
         loss.backward()
         if fn is sampled_softmax_loss:
             assert sum(storages.values()) < full / 4  # the chunks' logits do not stay alive until backward
         else:
             assert sum(storages.values()) >= full
+
+
+@pytest.mark.parametrize("num_candidates", [1, 9, 10_000])
+def test_candidate_subset_equals_brute_force(num_candidates):
+    """--max-candidates: a shared random subset of the columns; the positive still enters every row once."""
+    rows = make_rows(3, num_seqs=6, id_range=12)
+    r, tau = rows["query"].shape[0], 0.1
+    cols = candidate_columns(r, num_candidates, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert (cols is None) == (num_candidates >= 2 * r)
+    keep_g, keep_b = cols if cols is not None else (torch.arange(r), torch.arange(r))
+    assert len(keep_g) + len(keep_b) == min(num_candidates, 2 * r)
+    fast = sampled_softmax_loss(**rows, temperature=tau, columns=cols)
+
+    q, p, n, lq, seq, pid, nid = (rows[k] for k in ("query", "pos", "neg", "log_q", "row_seq", "pos_ids", "neg_ids"))
+    losses = []
+    for i in range(r):
+        own = {int(pid[j]) for j in range(r) if seq[j] == seq[i]}
+        terms = [q[i] @ p[i] / tau - lq[pid[i]]]
+        for vecs, ids in ((n[keep_g], nid[keep_g]), (p[keep_b], pid[keep_b])):
+            terms += [q[i] @ v / tau - lq[c] for v, c in zip(vecs, ids) if int(c) not in own]
+        t = torch.stack(terms)
+        losses.append(torch.logsumexp(t, 0) - t[0])
+    ref = torch.stack(losses).mean()
+    torch.testing.assert_close(fast, ref)
+    inputs = [rows["query"], rows["pos"], rows["neg"]]
+    grads = [torch.autograd.grad(x, inputs, allow_unused=True) for x in (fast, ref)]
+    for x, a, b in zip(inputs, *grads):  # with one column there is no global negative: neg gets no gradient
+        torch.testing.assert_close(torch.zeros_like(x) if a is None else a, torch.zeros_like(x) if b is None else b)
+
+
+@pytest.mark.parametrize("hard_k", [None, 6])
+def test_rows_split_across_ranks_with_gathered_columns_equal_one_process(hard_k):
+    """What each DDP rank computes: its own rows against every rank's columns. Weighted by row counts, the
+    ranks' losses (and so their gradients) add up to the single-process loss."""
+    rows = make_rows(4, num_seqs=7)
+    r = rows["query"].shape[0]
+    cut = int((rows["row_seq"] < 3).sum())  # rank 0: sequences 0-2, rank 1: the rest
+    cols = candidate_columns(r, 2 * r - 5, torch.device("cpu"), torch.Generator().manual_seed(1))
+    single = sampled_softmax_loss(**rows, temperature=0.05, hard_k=hard_k, columns=cols)
+    gathered = tuple(rows[k] for k in ("pos", "pos_ids", "row_seq", "neg", "neg_ids"))
+    split = sum(sampled_softmax_loss(**{k: v[sl] if k != "log_q" else v for k, v in rows.items()}, temperature=0.05,
+                                     hard_k=hard_k, columns=cols, gathered=gathered) * (sl.stop - sl.start) / r
+                for sl in (slice(0, cut), slice(cut, r)))
+    torch.testing.assert_close(split, single)
+    inputs = [rows["query"], rows["pos"], rows["neg"]]
+    for a, b in zip(torch.autograd.grad(split, inputs), torch.autograd.grad(single, inputs)):
+        torch.testing.assert_close(a, b)

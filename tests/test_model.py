@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -115,6 +116,37 @@ def test_hstu_layer_fast_path_matches_loop_reference(rel_pos):
     for k in gp1:
         torch.testing.assert_close(gp1[k], gp2[k], rtol=1e-10, atol=1e-10, msg=k)
     assert gp1["ts_bias.weight"].abs().sum() > 0  # the time bias really takes part
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_COMPILE"), reason="torch.compile takes minutes on a CPU: set TEST_COMPILE=1")
+def test_compiled_hstu_layer_matches_reference():
+    """The fused path (torch.compile of the layer, as --compile runs it) against the loop reference, forward
+    and backward; on CUDA under bf16 autocast, within bf16 tolerance."""
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = tiny_cfg(hidden=32, maxlen=15, num_time_buckets=8)
+    layer = HSTULayer(cfg).to(device)
+    randomise(layer, 1)
+    x = torch.randn(3, 16, cfg.hidden, device=device, requires_grad=True)
+    mask = torch.rand(3, 16, device=device) < 0.8
+    mask[:, -1] = True
+    ts = torch.randint(0, 60 * DAY, (3, 16), device=device)
+    grad_out = torch.randn(3, 16, cfg.hidden, device=device)
+    compiled = torch.compile(layer, dynamic=False)
+    tol = dict(rtol=2e-2, atol=2e-2) if device.type == "cuda" else dict(rtol=1e-4, atol=1e-5)
+    results = []
+    for fn in (lambda: compiled(x, mask, ts), lambda: hstu_layer_reference(layer, x, mask, ts)):
+        layer.zero_grad()
+        x.grad = None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and len(results) == 0):
+            y = fn()
+        (y.float() * grad_out).sum().backward()
+        results.append((y.detach().float(), x.grad.clone(), {k: p.grad.clone() for k, p in layer.named_parameters()}))
+    (y1, gx1, gp1), (y2, gx2, gp2) = results
+    torch.testing.assert_close(y1, y2, **tol)
+    torch.testing.assert_close(gx1, gx2, **tol)
+    for k in gp1:
+        torch.testing.assert_close(gp1[k], gp2[k], **tol, msg=k)
 
 
 def test_time_buckets():

@@ -93,3 +93,81 @@ def test_help_and_bad_resume_path(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(tmp_path / "none.pt")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {root!r})
+import train
+real_save = torch.save
+
+def save(obj, path, *a, **k):  # die half-way through writing checkpoint {step}: model.pt done, ckpt.pt not
+    real_save(obj, path, *a, **k)
+    if "global_step{step}" in str(path) and str(path).endswith("model.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = save
+train.main({argv!r})
+"""
+
+
+def test_sigkill_during_checkpoint_then_resume_latest(sample):
+    extra = ["--max-steps", "8", "--eval-every", "2"]
+    train.main(args(sample, "straight", *extra))
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(root=str(ROOT), step=6,
+                                                                           argv=args(sample, "k", *extra))],
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ck = sample / "k" / "ck"
+    assert list(ck.glob(".global_step6.*")) and not (ck / "global_step6").exists()  # the half-written one
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "latest", "--ckpt-dir", str(ck),
+                        "--log-dir", str(sample / "k" / "logs"), "--tf-dir", str(sample / "k" / "tf")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr + r.stdout and "global_step4" in r.stderr + r.stdout
+    assert not list(ck.glob(".global_step*"))  # the partial folder was cleared
+    a, b = _final_state(sample / "straight" / "ck", 8), _final_state(ck, 8)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["best"]["metrics"] == b["best"]["metrics"]
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_non_finite_loss(sample, monkeypatch, mode):
+    real = train.train_loss
+    poisoned = {3, 4}  # steps (0-based) whose loss is NaN
+
+    def loss_with_nan(model, batch, log_q, cfg, step):
+        loss = real(model, batch, log_q, cfg, step)
+        return loss * float("nan") if step in poisoned else loss
+
+    monkeypatch.setattr(train, "train_loss", loss_with_nan)
+    run = args(sample, f"nan_{mode}", "--max-steps", "6", "--eval-every", "2", "--on-nonfinite", mode)
+    if mode == "stop":
+        with pytest.raises(train.NonFiniteError, match=r"step 4: non-finite .* last good checkpoint is .*global_step2"):
+            train.train(*train.parse_config(run))  # main() would turn it into one line and exit code 2
+        return
+    out = train.main(run)
+    assert out["step"] == 6 and out["best"]["nonfinite_skipped"] == 2
+    state = _final_state(sample / f"nan_{mode}" / "ck", 6)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_code_executing_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    subprocess.run([sys.executable, "-c", f"""
+import os, torch
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+torch.save({{"train_config": Evil()}}, {str(evil)!r})
+"""], check=True)
+    for cmd in ([str(ROOT / "train.py"), "--resume", str(evil)],
+                [str(ROOT / "infer.py"), "--model-dir", str(tmp_path), "--eval-dir", str(tmp_path)]):
+        if cmd[0].endswith("infer.py"):
+            evil.rename(tmp_path / "model.pt")
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
+        assert r.returncode == 2 and "refused: rebuilding it would run code" in r.stderr, r.stderr[-1500:]
+        assert "Traceback" not in r.stderr and not marker.exists()

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# MovieLens-1M under the HSTU paper's protocol (last item = test, second-to-last = validation, ranked
+# against all items, history filtered): convert -> get_stat -> train -> infer -> evaluate, for HSTU and
+# SASRec with the same item tower, loss and schedule.
+#
+#   bench/movielens.sh ML1M_DIR [OUT_DIR]           # ML1M_DIR: ratings.dat/users.dat/movies.dat (GroupLens)
+#                                                   # or interactions_chrono.csv.gz + users.dat + movies.dat
+# Environment: MODELS ("hstu sasrec"), PROFILE (cpu: about an hour a model on 2 cores; gpu: a larger model,
+# longer), STEPS (override the profile's steps), PYTHON. Extra training options: TRAIN_ARGS; NAME names the
+# run folder (default: the model). An ablation at the same schedule, cut short at step 500:
+#   NAME=hstu_no_logq MODELS=hstu TRAIN_ARGS="--stop-at 500 --log-q-alpha 0" bench/movielens.sh ML1M_DIR
+# Results: OUT_DIR/<name>/metrics.json and a summary line per run in OUT_DIR/summary.md.
+set -euo pipefail
+if [ $# -lt 1 ]; then sed -n '2,14p' "$0"; exit 2; fi
+SRC="$1"; OUT="${2:-movielens_runs}"
+PYTHON="${PYTHON:-python}"
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+ML="$OUT/ml-1m"
+[ -f "$ML/data/seq.jsonl" ] || "$PYTHON" -u convert_movielens.py "$SRC" "$ML"
+"$PYTHON" -u get_stat.py --data-dir "$ML/data" --cache-dir "$ML/cache"
+
+case "${PROFILE:-cpu}" in
+  # 2 layers of width 64, maxlen 200 (as the paper's ML-1M runs), 2048 shared candidates a step
+  cpu) PROFILE_ARGS=(--preset small --hidden 64 --num-layers 2 --num-heads 2 --batch-size 64 --device cpu
+                     --max-candidates 2048 --num-workers 0)
+       STEPS="${STEPS:-3000}" ;;
+  gpu) PROFILE_ARGS=(--preset small --hidden 256 --num-layers 8 --num-heads 4 --batch-size 128 --device cuda
+                     --max-candidates 8192)
+       STEPS="${STEPS:-10000}" ;;
+  *) echo "PROFILE must be cpu or gpu" >&2; exit 2 ;;
+esac
+
+for MODEL in ${MODELS:-hstu sasrec}; do
+  RUN="$OUT/${NAME:-$MODEL}"
+  start=$(date +%s)
+  "$PYTHON" -u main.py --data-dir "$ML/data" --cache-dir "$ML/cache" --ckpt-dir "$RUN/ckpt" --log-dir "$RUN/logs" \
+    --tf-dir "$RUN/tf" --model "$MODEL" "${PROFILE_ARGS[@]}" --maxlen 200 --dropout 0.2 --lr 1e-3 \
+    --temperature 0.05 --curriculum none --neg-active-days 0 --val-split last --val-users 6040 \
+    --max-steps "$STEPS" --eval-every $((STEPS / 6)) --keep-last 1 ${TRAIN_ARGS:-}
+  train_s=$(( $(date +%s) - start ))
+  # the checkpoint chosen on validation (second-to-last items); the test items were never seen
+  best=$("$PYTHON" -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True)['best']['step'])" \
+         "$(ls -d "$RUN"/ckpt/global_step* | sort -V | tail -1)/ckpt.pt")
+  "$PYTHON" -u infer.py --model-dir "$RUN/ckpt/global_step$best" --eval-dir "$ML/eval" --result-dir "$RUN" --topk 200
+  "$PYTHON" -u evaluate.py --result "$RUN/result.json" --ground-truth "$ML/eval/ground_truth.json" --k 10 50 200 \
+    --out "$RUN/metrics.json"
+  "$PYTHON" - "$RUN/metrics.json" "${NAME:-$MODEL}" "$best" "$train_s" >> "$OUT/summary.md" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))["model"]["all"]
+print(f"| {sys.argv[2]} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | {m['HR@50']:.4f} | {m['NDCG@50']:.4f} | "
+      f"{m['HR@200']:.4f} | {m['MRR']:.4f} | step {sys.argv[3]} | {int(sys.argv[4]) / 60:.0f} min |")
+PY
+  tail -1 "$OUT/summary.md"
+done
