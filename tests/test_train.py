@@ -138,8 +138,8 @@ def test_non_finite_loss(sample, monkeypatch, mode):
     real = train.train_loss
     poisoned = {3, 4}  # steps (0-based) whose loss is NaN
 
-    def loss_with_nan(model, batch, log_q, cfg, step):
-        loss = real(model, batch, log_q, cfg, step)
+    def loss_with_nan(model, batch, log_q, cfg, step, *rest):
+        loss = real(model, batch, log_q, cfg, step, *rest)
         return loss * float("nan") if step in poisoned else loss
 
     monkeypatch.setattr(train, "train_loss", loss_with_nan)
