@@ -26,7 +26,7 @@ case "${PROFILE:-cpu}" in
                      --max-candidates 2048 --num-workers 0)
        STEPS="${STEPS:-3000}" ;;
   gpu) PROFILE_ARGS=(--preset small --hidden 256 --num-layers 8 --num-heads 4 --batch-size 128 --device cuda
-                     --max-candidates 8192)
+                     --max-candidates 0)
        STEPS="${STEPS:-10000}" ;;
   *) echo "PROFILE must be cpu or gpu" >&2; exit 2 ;;
 esac
