@@ -68,6 +68,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain containers, numbers and strings are allowed")
 
 
+def iter_line_blocks(f: io.BufferedIOBase, chunk_bytes: int) -> Iterator[bytes]:
+    """Blocks of whole lines, about chunk_bytes each, from a binary file (bounded memory); a last line
+    without a newline ends the last block."""
+    rest = b""
+    while True:
+        block = f.read(chunk_bytes)
+        buf = rest + block
+        if not buf:
+            return
+        end = buf.rfind(b"\n") + 1 if block else len(buf)
+        if end:
+            yield buf[:end]
+        rest = buf[end:]
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True: a checkpoint from elsewhere is data, never code. Anything it refuses
     (or cannot read) is one DataError line."""

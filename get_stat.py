@@ -21,7 +21,7 @@ import polars as pl
 from tqdm import tqdm
 
 from common import (STAT_FILE, atomic_save_json, atomic_save_npy, atomic_save_pickle, data_error, env_default,
-                    exit_on_data_error, load_stat, safe_load_pickle)
+                    exit_on_data_error, iter_line_blocks, load_stat, safe_load_pickle)
 from records import FEATURE_ANY_RE, FEATURE_ARRAY_RE, FEATURE_INT_RE, LINE_RE, RECORD_FIELDS_RE, RECORD_SPAN_RE, parse_line
 
 STAT_VERSION = 2  # 2: item array features (schema item_array / item_array_len)
@@ -38,17 +38,8 @@ def read_line_chunks(path: Path, chunk_bytes: int):
     """Yield (first_line_no, line_start_offsets, lines) over whole lines, chunk by chunk (bounded memory)."""
     with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
                                      desc=f"reading {path.name}", mininterval=1.0) as bar:
-        pos, line_no, rest = 0, 1, b""
-        while True:
-            block = f.read(chunk_bytes)
-            buf = rest + block
-            if not buf:
-                break
-            end = buf.rfind(b"\n") + 1 if block else len(buf)  # at EOF take a last line without newline
-            if end == 0:
-                rest = buf
-                continue
-            body, rest = buf[:end], buf[end:]
+        pos, line_no = 0, 1
+        for body in iter_line_blocks(f, chunk_bytes):
             nl = np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == 10)
             starts = np.concatenate([[0], nl[:-1] + 1]) if body.endswith(b"\n") else np.concatenate([[0], nl + 1])
             if pos == 0 and body.startswith(b"\xef\xbb\xbf"):

@@ -41,7 +41,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from common import atomic_save_json, atomic_save_npy, data_error, safe_load_pickle
+from common import atomic_save_json, atomic_save_npy, data_error, iter_line_blocks, safe_load_pickle
 
 TABLE_VERSION = 1
 SOURCE_RE = re.compile(r"^emb_(\d+)_(\d+)(\.pkl)?$")
@@ -171,17 +171,8 @@ def _fast_block(body: bytes, path: Path, first_line: int, dim: int) -> tuple[np.
 def iter_json_part(path: Path, dim: int, bar: tqdm) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream one part file -> (raw ids (n,), vectors (n, dim) float32) per block of whole lines."""
     with open(path, "rb") as f:
-        line_no, rest = 1, b""
-        while True:
-            block = f.read(CHUNK_BYTES)
-            buf = rest + block
-            if not buf:
-                break
-            end = buf.rfind(b"\n") + 1 if block else len(buf)  # at EOF take a last line without newline
-            if end == 0:
-                rest = buf
-                continue
-            body, rest = buf[:end], buf[end:]
+        line_no = 1
+        for body in iter_line_blocks(f, CHUNK_BYTES):
             yield _fast_block(body, path, line_no, dim)
             line_no += body.count(b"\n")
             bar.update(len(body))
