@@ -4,11 +4,13 @@
 
 Writes OUT/data/ (seq.jsonl, seq_offsets.pkl, indexer.pkl, item_feat_dict.json) and
 OUT/eval/ (predict_seq.jsonl, predict_seq_offsets.pkl, predict_set.jsonl, user_action_type.json,
-ground_truth.json); with --mm-emb-id also OUT/data/creative_emb/ (multimodal vectors that carry the
-item's topic). The data has learnable structure: every item belongs to one of K latent topics
-(revealed by features 101/114/116/117), every user has a few interest topics that drift slowly
-along the sequence, exposures mix popularity with interest, and clicks/conversions are far more
-likely on items of the user's current interests. Items have Zipf popularity and limited lifetimes.
+ground_truth.json); with --mm-emb-id also OUT/data/creative_emb/ (multimodal vectors that carry
+the item's topic and style). The data has learnable structure: every item belongs to one of K latent
+topics (revealed by features 101/114/116/117) and has one of a few styles (revealed by no sparse
+feature, only by the multimodal vectors, as an image's look is); every user has a few interest topics
+that drift slowly along the sequence and one preferred style; exposures mix popularity with interest
+(mostly in the preferred style), and clicks/conversions are far more likely on items of the user's
+current interests. Items have log-normal popularity and limited lifetimes.
 Lines are streamed to disk, so memory stays bounded for any number of users.
 """
 import argparse
@@ -38,12 +40,13 @@ BLOCK_112_120 = ["112", "117", "118", "119", "120"]   # missing together on ~15%
 TOPIC_FEATS = {"101": 0.9, "114": 0.85, "116": 0.85, "117": 0.8}  # fid -> P(value follows topic)
 EVERGREEN = 0.05           # share of items alive over the whole window
 INTEREST_SHARE = 0.5       # P(an exposure is drawn from the current interest topic)
+STYLES, P_STYLE = 4, 0.8   # styles per topic; P(an interest exposure is in the user's preferred style)
 P_BASE, P_GAIN, P_CONV = 0.01, 0.36, 0.2   # P(click or conv) = base + gain * affinity; conv share
 P_NEW_ITEM, P_COLD_USER_FEAT = 0.04, 0.03  # eval-only cold start rates
 # Multimodal vectors (creative_emb/, only with --mm-emb-id): the real dims; text vectors (81, 82) cover most
-# items, image ones far fewer. Each vector is its item's topic direction plus noise of norm MM_NOISE, unit length.
-# At noise norm 1.0 the item-specific noise acted as a fixed random item code the model memorised (lower training
-# loss, lower validation Score on 3 of 3 seeds); at 0.3 the topic dominates.
+# items, image ones far fewer. Each vector is its item's topic direction plus its style direction plus noise of norm
+# MM_NOISE, unit length. At noise norm 1.0 the item-specific noise acted as a fixed random item code the model
+# memorised (lower training loss, lower validation Score on 3 of 3 seeds); at 0.3 topic and style dominate.
 MM_DIMS = {81: 32, 82: 1024, 83: 3584, 84: 4096, 85: 3584, 86: 3584}
 MM_COVERAGE = {81: 0.85, 82: 0.85, 83: 0.4, 84: 0.4, 85: 0.4, 86: 0.4}
 MM_NOISE, MM_PARTS = 0.3, 4
@@ -74,6 +77,7 @@ class World:
         is_new[rng.choice(n_all, self.n_new, replace=False)] = True
         self.raw = np.concatenate([raw[~is_new], raw[is_new]])   # index j < M: re-id j + 1
         self.topic = rng.integers(0, K, n_all)
+        self.style = rng.integers(0, STYLES, n_all)
         # Log-normal popularity: heavy tail (top 10% of items get > half the events) but a flatter
         # head than a pure Zipf law, so a global top-10 list alone cannot score well.
         pop = np.exp(1.1 * rng.standard_normal(n_all))
@@ -121,18 +125,20 @@ class World:
             self.frag.append(json.dumps(d))
 
         # Sampler: per time bucket, a cumulative popularity over alive training items sorted by
-        # topic, flattened over buckets, so one searchsorted draws items for any (bucket, topic).
+        # (topic, style), flattened over buckets, so one searchsorted draws items for any (bucket,
+        # topic) or (bucket, topic, style).
         self.g = max(1, -(-WINDOW_DAYS * M // 10_000_000))        # days per bucket: cum <= ~1e7 floats
         self.nb = -(-(WINDOW_DAYS + 1) // self.g)
         lb, eb = launch[:M] // self.g, np.maximum(launch[:M] // self.g + 1, -(-end[:M] // self.g))
-        self.order = np.argsort(self.topic[:M], kind="stable")   # topic-sorted item indices
+        sub = self.topic[:M] * STYLES + self.style[:M]           # sub-topic: (topic, style)
+        self.order = np.argsort(sub, kind="stable")              # sub-topic-sorted item indices
         b = np.arange(self.nb)[:, None]
         w = np.where((lb[self.order] <= b) & (b < eb[self.order]), pop[:M][self.order], 0.0)
         w /= w.sum(1, keepdims=True)                              # (nb, M)
         self.cum = np.cumsum(w.ravel())                           # (nb * M,)
-        seg = np.searchsorted(self.topic[:M][self.order], np.arange(K + 1))  # topic segments
+        seg = np.searchsorted(sub[self.order], np.arange(K * STYLES + 1))  # sub-topic segments
         padded = np.concatenate([[0.0], self.cum])
-        self.edges = padded[np.arange(self.nb)[:, None] * M + seg[None, :]]  # (nb, K + 1)
+        self.edges = padded[np.arange(self.nb)[:, None] * M + seg[None, :]]  # (nb, K * STYLES + 1)
         # Eval-only items grouped by topic (test users see them in place of a few exposures).
         self.new_order = M + np.argsort(self.topic[M:], kind="stable")
         self.new_seg = np.searchsorted(self.topic[self.new_order], np.arange(K + 1))
@@ -142,12 +148,15 @@ class World:
         self.cold_next[fid] += 1
         return str(int(self.raw_feat[fid][-1]) + self.cold_next[fid])
 
-    def sample_items(self, rng, bucket: np.ndarray, topic: np.ndarray, interest: np.ndarray):
-        """Draw one alive training item per event: from `topic` where interest, else global."""
-        lo = np.where(interest, self.edges[bucket, topic], self.edges[bucket, 0])
-        hi = np.where(interest, self.edges[bucket, topic + 1], self.edges[bucket, -1])
-        empty = hi - lo <= 0                                       # no alive item of that topic
-        lo, hi = np.where(empty, self.edges[bucket, 0], lo), np.where(empty, self.edges[bucket, -1], hi)
+    def sample_items(self, rng, bucket: np.ndarray, topic: np.ndarray, style: np.ndarray,
+                     interest: np.ndarray, styled: np.ndarray):
+        """Draw one alive training item per event: from (`topic`, `style`) where styled, else from `topic`
+        where interest, else global; an empty segment (no alive item there) widens to the next level."""
+        e, S = self.edges, STYLES
+        lo, hi = e[bucket, 0], e[bucket, -1]
+        for use, a, b in ((interest, topic * S, topic * S + S), (styled, topic * S + style, topic * S + style + 1)):
+            ok = use & (e[bucket, b] > e[bucket, a])
+            lo, hi = np.where(ok, e[bucket, a], lo), np.where(ok, e[bucket, b], hi)
         u = np.minimum(lo + rng.random(len(lo)) * (hi - lo), np.nextafter(hi, -np.inf))
         idx = np.searchsorted(self.cum, u, side="right")
         return self.order[idx - bucket * self.M]
@@ -175,9 +184,12 @@ class World:
              + np.minimum(rng.exponential(600, E), 3 * 3600))
         t = t[np.lexsort((t, user))].astype(np.int64)
         bucket = np.clip((t - T0) // DAY // self.g, 0, self.nb - 1)
-        # Exposures: interest topic or global popularity, among items alive at that time.
+        # Exposures: interest topic (mostly in the user's style) or global popularity, among items
+        # alive at that time.
+        taste = rng.integers(0, STYLES, B)                          # preferred style
         interest = rng.random(E) < INTEREST_SHARE
-        item = self.sample_items(rng, bucket, z, interest)
+        styled = interest & (rng.random(E) < P_STYLE)
+        item = self.sample_items(rng, bucket, z, taste[user], interest, styled)
         if new_items:                                              # a few unseen-in-training items
             swap = rng.random(E) < P_NEW_ITEM
             lo, hi = self.new_seg[z], self.new_seg[z + 1]
@@ -228,8 +240,8 @@ def write_creative_emb(world: World, data_dir: str, fid: int, seed: int) -> int:
     MM_COVERAGE[fid] of all items, eval-only ones included, in random order; returns the number of vectors."""
     dim = MM_DIMS[fid]
     rng = np.random.default_rng([seed, 81_000 + fid])  # its own stream: the rest of the sample is unchanged
-    dirs = rng.standard_normal((world.K, dim))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)  # (K, dim) one direction per topic
+    dirs = rng.standard_normal((world.K + STYLES, dim))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)  # (K + STYLES, dim) one direction per topic, then per style
     n_all = len(world.raw)
     order = rng.permutation(np.flatnonzero(rng.random(n_all) < MM_COVERAGE[fid]))
     folder = os.path.join(data_dir, "creative_emb")
@@ -244,7 +256,8 @@ def write_creative_emb(world: World, data_dir: str, fid: int, seed: int) -> int:
                 g = stack.enter_context(atomic_write(os.path.join(sub, f"part-{k:05d}")))
             for s in range(0, len(part), 4096):  # rows at a time: bounded memory for large catalogues
                 rows = part[s:s + 4096]
-                v = dirs[world.topic[rows]] + MM_NOISE * rng.standard_normal((len(rows), dim)) / np.sqrt(dim)
+                v = (dirs[world.topic[rows]] + dirs[world.K + world.style[rows]]
+                     + MM_NOISE * rng.standard_normal((len(rows), dim)) / np.sqrt(dim))
                 v = np.round(v / np.linalg.norm(v, axis=1, keepdims=True), 6).tolist()  # 6 decimals: smaller files
                 raw = world.raw[rows].tolist()
                 if pkl is not None:
