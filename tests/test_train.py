@@ -84,7 +84,7 @@ def test_learns_beyond_popularity(tmp_path):
     out = train.main(args(tmp_path, "run", "--max-steps", "300", "--eval-every", "300", "--batch-size", "32", "--hidden", "64",
                           "--num-layers", "2", "--val-users", "250", "--maxlen", "30"))
     best, pop = out["best"]["metrics"], out["best"]["popularity"]
-    assert best["Score"] > 1.3 * pop["Score"], (best, pop)  # seen: 0.050 against 0.032
+    assert best["Score"] > 1.3 * pop["Score"], (best, pop)  # seen: 0.064 against 0.025
 
 
 def test_help_and_bad_resume_path(tmp_path):
