@@ -190,7 +190,7 @@ def test_learnable(large):
     assert hr_topic >= 2 * hr_pop and hr_topic > 0.1
 
 
-def test_vectors_carry_the_style_features_do_not(large):
+def test_vectors_separate_items_of_one_topic_feature_value(large):
     """The mean vector (81) of a test user's clicked history must prefer their target to another item with the
     same topic feature (101) far more often than chance: only the style, which no sparse feature reveals,
     separates the two. Topic alone (vectors without a style) gave 0.60; with styles 0.75."""
