@@ -33,24 +33,42 @@ def run_args(root: Path, run: str) -> list[str]:
             "--max-candidates", "300", "--curriculum", "20000:40:0.5,130000:8:0.25"]
 
 
+def torchrun_train(root: Path, argv: list[str], out: Path) -> list[dict]:
+    """train.main(argv) on two gloo ranks; returns each rank's final weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    script = out / "rank.py"
+    script.write_text(RANK_SCRIPT.format(root=str(ROOT), argv=argv, out=str(out)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [torch.load(out / f"rank{k}.pt", weights_only=True) for k in (0, 1)]
+
+
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     generate(str(tmp_path), users=300, items=200, seed=3, progress=False)
     get_stat.run(tmp_path / "data", tmp_path / "cache")
     single = train.main(run_args(tmp_path, "single"))["model"].state_dict()
 
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(root=str(ROOT), argv=run_args(tmp_path, "ddp"), out=str(tmp_path)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""},
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1)]
+    ranks = torchrun_train(tmp_path, run_args(tmp_path, "ddp"), tmp_path / "ddp")
     for name, w in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP keeps the replicas identical
         torch.testing.assert_close(ranks[0][name], w, rtol=1e-4, atol=1e-5, msg=name)  # = one process
     saved = torch.load(tmp_path / "ddp" / "ck" / "global_step5" / "ckpt.pt", weights_only=True)
     assert saved["step"] == 5 and not (tmp_path / "ddp" / "ck" / "global_step5.rank1").exists()
     assert "ranks=2" in (tmp_path / "ddp" / "logs" / "train.log").read_text()
+
+
+def test_resume_under_torchrun_reproduces_the_uninterrupted_run(tmp_path):
+    generate(str(tmp_path), users=300, items=200, seed=5, progress=False)
+    get_stat.run(tmp_path / "data", tmp_path / "cache")
+    straight = torchrun_train(tmp_path, run_args(tmp_path, "straight"), tmp_path / "straight")
+    torchrun_train(tmp_path, [*run_args(tmp_path, "cut"), "--stop-at", "3"], tmp_path / "cut")
+    out = tmp_path / "cut"
+    resumed = torchrun_train(tmp_path, ["--resume", "latest", "--ckpt-dir", str(out / "ck"), "--log-dir", str(out / "logs"),
+                                        "--tf-dir", str(out / "tf")], tmp_path / "resumed")
+    for name, w in straight[0].items():
+        assert torch.equal(resumed[0][name], w) and torch.equal(resumed[1][name], w), name
 
 
 def test_inference_shards_users_across_ranks(tmp_path):
