@@ -33,15 +33,19 @@ def run_args(root: Path, run: str) -> list[str]:
             "--max-candidates", "300", "--curriculum", "20000:40:0.5,130000:8:0.25"]
 
 
-def torchrun_train(root: Path, argv: list[str], out: Path) -> list[dict]:
-    """train.main(argv) on two gloo ranks; returns each rank's final weights."""
+def torchrun(*argv: str) -> None:
+    """python -m torch.distributed.run with two CPU (gloo) ranks."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv],
+                       capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def torchrun_train(argv: list[str], out: Path) -> list[dict]:
+    """train.main(argv) on two ranks; returns each rank's final weights."""
     out.mkdir(parents=True, exist_ok=True)
     script = out / "rank.py"
     script.write_text(RANK_SCRIPT.format(root=str(ROOT), argv=argv, out=str(out)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""},
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(str(script))
     return [torch.load(out / f"rank{k}.pt", weights_only=True) for k in (0, 1)]
 
 
@@ -50,7 +54,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     get_stat.run(tmp_path / "data", tmp_path / "cache")
     single = train.main(run_args(tmp_path, "single"))["model"].state_dict()
 
-    ranks = torchrun_train(tmp_path, run_args(tmp_path, "ddp"), tmp_path / "ddp")
+    ranks = torchrun_train(run_args(tmp_path, "ddp"), tmp_path / "ddp")
     for name, w in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP keeps the replicas identical
         torch.testing.assert_close(ranks[0][name], w, rtol=1e-4, atol=1e-5, msg=name)  # = one process
@@ -62,10 +66,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 def test_resume_under_torchrun_reproduces_the_uninterrupted_run(tmp_path):
     generate(str(tmp_path), users=300, items=200, seed=5, progress=False)
     get_stat.run(tmp_path / "data", tmp_path / "cache")
-    straight = torchrun_train(tmp_path, run_args(tmp_path, "straight"), tmp_path / "straight")
-    torchrun_train(tmp_path, [*run_args(tmp_path, "cut"), "--stop-at", "3"], tmp_path / "cut")
+    straight = torchrun_train(run_args(tmp_path, "straight"), tmp_path / "straight")
+    torchrun_train([*run_args(tmp_path, "cut"), "--stop-at", "3"], tmp_path / "cut")
     out = tmp_path / "cut"
-    resumed = torchrun_train(tmp_path, ["--resume", "latest", "--ckpt-dir", str(out / "ck"), "--log-dir", str(out / "logs"),
+    resumed = torchrun_train(["--resume", "latest", "--ckpt-dir", str(out / "ck"), "--log-dir", str(out / "logs"),
                                         "--tf-dir", str(out / "tf")], tmp_path / "resumed")
     for name, w in straight[0].items():
         assert torch.equal(resumed[0][name], w) and torch.equal(resumed[1][name], w), name
@@ -79,10 +83,7 @@ def test_inference_shards_users_across_ranks(tmp_path):
     common = ["--model-dir", str(model_dir), "--eval-dir", str(tmp_path / "eval"), "--device", "cpu", "--num-workers", "0",
               "--batch-size", "7"]
     infer.main([*common, "--result-dir", str(tmp_path / "one")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "infer.py"), *common, "--result-dir", str(tmp_path / "two")],
-                       capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""}, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(str(ROOT / "infer.py"), *common, "--result-dir", str(tmp_path / "two"))
     one, two = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
     assert two["user"] == one["user"] and len(one["user"]) == 30  # every test user once, in predict_seq order
     assert two["top10s"] == one["top10s"]
