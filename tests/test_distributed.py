@@ -70,7 +70,7 @@ def test_resume_under_torchrun_reproduces_the_uninterrupted_run(tmp_path):
     torchrun_train([*run_args(tmp_path, "cut"), "--stop-at", "3"], tmp_path / "cut")
     out = tmp_path / "cut"
     resumed = torchrun_train(["--resume", "latest", "--ckpt-dir", str(out / "ck"), "--log-dir", str(out / "logs"),
-                                        "--tf-dir", str(out / "tf")], tmp_path / "resumed")
+                              "--tf-dir", str(out / "tf")], tmp_path / "resumed")
     for name, w in straight[0].items():
         assert torch.equal(resumed[0][name], w) and torch.equal(resumed[1][name], w), name
 
