@@ -1,6 +1,7 @@
 """Small shared pieces: input errors, safe unpickling, atomic writes, the preprocessing cache."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -165,6 +166,19 @@ def load_stat(cache_dir: str | os.PathLike) -> dict:
         raise data_error(path, None, "missing: run get_stat.py first (./run.sh does)")
     with open(path) as f:
         return json.load(f)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every option's default (unless its help names it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+            return text
+        shown = action.default
+        if isinstance(shown, (list, tuple)):
+            shown = " ".join(map(str, shown))
+        return text + f" (default: {shown if shown != '' else 'none'})".replace("%", "%%")
 
 
 def env_default(name: str, fallback: str) -> str:

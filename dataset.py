@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
 
 from common import data_error, safe_load_pickle
+from ids import UserIds, raw_user
 from records import parse_line
 
 MAX_USER_ARRAY_LEN = 32  # longer array features are cut; real ones are short
@@ -165,6 +167,32 @@ def holdout_index(items: list[list]) -> int:
     return next((j for j in range(len(items) - 1, -1, -1) if items[j][4] > 0), len(items) - 1)
 
 
+def training_item_stats(reader: SeqReader, item_count: np.ndarray, item_last_ts: np.ndarray, val_lines: np.ndarray,
+                        val_split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Events per item and each item's last timestamp in what training reads, from get_stat's figures over all
+    of seq.jsonl, so that held-out validation events feed neither log-q nor the negative pool (which takes only
+    items with a training event). 'users': minus the validation users' lines (a read of those lines; the last
+    timestamps stay those of the whole file, so an item's activity window may end at a validation event).
+    'last': every line without its held-out part (a read of every line: seconds for a public benchmark, a
+    full pass at the real scale), exact counts and times."""
+    def read(lines: np.ndarray):  # -> item records per line, with a progress bar for long reads
+        for line in tqdm(lines, desc="holding out validation events", unit="user", mininterval=1.0,
+                         disable=len(lines) < 10000):
+            yield split_records(reader.read(int(line)))[0]
+
+    if val_split == "users":
+        count = item_count.copy()
+        for items in read(val_lines):
+            np.subtract.at(count, np.array([r[1] for r in items], np.int64), 1)
+        return count, item_last_ts
+    count, last_ts = np.zeros_like(item_count), np.zeros_like(item_last_ts)
+    for items in read(np.arange(len(reader))):
+        kept = items[:holdout_index(items)]
+        np.add.at(count, np.array([r[1] for r in kept], np.int64), 1)
+        np.maximum.at(last_ts, np.array([r[1] for r in kept], np.int64), np.array([r[5] for r in kept], np.int64))
+    return count, last_ts
+
+
 class TrainDataset(Dataset):
     """Next-item training samples. Indices come from EpochSampler as epoch * num_lines + line, so that the
     global negatives are a pure function of (seed, epoch, line): resuming reproduces them exactly.
@@ -220,34 +248,41 @@ def _empty_sequence(N: int, spec: FeatureSpec, profile: dict | None) -> dict[str
 class EvalDataset(Dataset):
     """User vectors for retrieval: the whole history as input, the target action as the condition at the
     last position. With `holdout_last` (validation on training lines) the user's last click or conversion
-    (the last item if there is none) is held out as the target, the items before it the history;
-    otherwise (predict_seq) `target_action` maps user id -> action type (default 1, a click)."""
+    is held out as the target and its action is the condition, the items before it the history, as for a
+    test user (a user with no click or conversion has no target: 0, left out of the metrics); otherwise
+    (predict_seq) `target_action` maps raw user id -> action type (default 1, a click), and `user_ids` maps
+    integer user re-ids back to raw ids (see ids.raw_user).
+    A history item the model was never trained on (`trained[id]` False, or an id beyond the indexer: new to
+    the catalogue) enters by its features alone: id 0 and the features of its own record."""
 
     def __init__(self, reader: SeqReader, lines: np.ndarray, item_feat: np.ndarray, item_raw_id: np.ndarray,
                  spec: FeatureSpec, maxlen: int, holdout_last: bool = False,
-                 target_action: dict[str, int] | None = None):
+                 target_action: dict[str, int] | None = None, trained: np.ndarray | None = None,
+                 user_ids: UserIds | None = None):
         self.reader, self.lines, self.item_feat, self.item_raw_id = reader, lines, item_feat, item_raw_id
         self.spec, self.N, self.holdout_last, self.target_action = spec, maxlen + 1, holdout_last, target_action or {}
+        self.trained = trained if trained is not None else np.ones(spec.itemnum + 1, bool)
+        self.user_ids = user_ids
 
     def __len__(self) -> int:
         return len(self.lines)
+
+    def _target(self, items: list[list], user: str) -> tuple[int, int, list[list]]:
+        """-> (target re-id or 0, condition action id, history items)."""
+        if not self.holdout_last:
+            return 0, int(self.target_action.get(user, 1)) + 1, items
+        t = holdout_index(items)
+        if items and items[t][4] > 0:
+            return items[t][1], items[t][4] + 1, items[:t]
+        return 0, 2, items[:t]  # nothing a test user could have as a target: not validated
 
     def __getitem__(self, k: int) -> dict:
         line = int(self.lines[k])
         records = self.reader.read(line)
         items, profile = split_records(records)
         user = records[0][0]
-        user = user if isinstance(user, str) else str(user)
-        target = 0
-        if self.holdout_last:
-            t = holdout_index(items)
-            if items:  # a user without items has no target (0): rank_metrics leaves them out
-                target, cond = items[t][1], items[t][4] + 1
-            else:
-                cond = 2  # a click, as at inference without user_action_type
-            items = items[:t]
-        else:
-            cond = int(self.target_action.get(user, 1)) + 1
+        user = str(user) if self.holdout_last else raw_user(user, self.user_ids, self.reader.path, line + 1)
+        target, cond, items = self._target(items, user)
         itemnum = self.spec.itemnum
         # the full history (not just the last N) is returned for filtering already-seen items
         known = [r[1] for r in items if r[1] <= itemnum]
@@ -261,7 +296,7 @@ class EvalDataset(Dataset):
         feat = np.zeros((N, self.spec.item_cols), np.int64)
         for j, r in enumerate(hist):
             p = s + 1 + j
-            cold = r[1] > itemnum  # unseen in training: id padding, features from the record
+            cold = r[1] > itemnum or not self.trained[r[1]]  # never trained: id padding, features from the record
             out["seq_item"][p] = 0 if cold else r[1]
             feat[p] = self.spec.item_features(r[3]) if cold else self.item_feat[r[1]]
             out["seq_action"][p] = r[4] + 1

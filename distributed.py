@@ -12,6 +12,7 @@ Rank 0 alone validates, logs and writes checkpoints; the others wait for it.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -37,8 +38,10 @@ class Dist:
         return self.rank == 0
 
 
-def setup(device_opt: str) -> tuple[Dist, torch.device]:
-    """-> (this process's place, its device). Under torchrun (WORLD_SIZE > 1) joins the process group."""
+def setup(device_opt: str, timeout_min: float = 120.0) -> tuple[Dist, torch.device]:
+    """-> (this process's place, its device). Under torchrun (WORLD_SIZE > 1) joins the process group, whose
+    collectives wait `timeout_min` minutes: long enough for rank 0 to validate and write a checkpoint alone
+    (the default 10 minutes of NCCL is not, at the real catalogue size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,7 +51,7 @@ def setup(device_opt: str) -> tuple[Dist, torch.device]:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     return Dist(rank, world, local), torch.device("cuda", local) if cuda else torch.device("cpu")
 
 

@@ -5,7 +5,9 @@
 
 One target per user: NDCG@K = 1/log2(rank+1) when the target is at rank <= K (ranks from 1), else 0.
 Score = 0.31·HR@10 + 0.69·NDCG@10. "weighted": the final round's weighted means (conversion targets
-weigh 2.5, clicks 1). Also per target action type. Ground-truth users missing from the result are misses.
+weigh 2.5, clicks 1). Also per target action type and, with --model-dir, for targets the model was never
+trained on ("cold target": new to the catalogue, or in the indexer but never in seq.jsonl) and the others
+("warm target"). Ground-truth users missing from the result are misses.
 
 --baseline popularity ranks the candidates (predict_set, or every training item without it) by how often
 each creative id occurs in all predict_seq histories (the only popularity the eval folder holds: the
@@ -20,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic_save_json, data_error, env_default, exit_on_data_error
+from checkpoint import resolve_model_dir, train_data_dir
+from common import HelpFormatter, atomic_save_json, data_error, env_default, exit_on_data_error
 from dataset import SeqReader, split_records
+from ids import UserIds, raw_user, user_ids_for
+from metrics import popularity_topk, summarise, target_ranks
 
 WEIGHTS = {2: 2.5}  # conversion targets; every other action type weighs 1
 GROUPS = {1: "click", 2: "conversion"}
@@ -64,45 +69,31 @@ def load_ground_truth(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return users, np.array(targets, np.int64), np.array(actions, np.int64)
 
 
-def target_ranks(result: dict[str, list[int]], users: list[str], targets: np.ndarray) -> np.ndarray:
-    """(U,) rank of each user's target in their list, from 1; 0 = not retrieved or user missing."""
-    ranks = np.zeros(len(users), np.int64)
-    for j, (u, t) in enumerate(zip(users, targets.tolist())):
-        top = result.get(u)
-        if top is not None and t in top:
-            ranks[j] = top.index(t) + 1
-    return ranks
-
-
-def summarise(ranks: np.ndarray, weights: np.ndarray, ks: list[int]) -> dict[str, float]:
-    """Weighted means over users of HR@k and NDCG@k, and Score (unweighted means when weights are all 1)."""
-    out: dict[str, float] = {"users": int(len(ranks))}
-    w = weights / weights.sum() if len(ranks) else weights
-    for k in ks:
-        hit = (ranks > 0) & (ranks <= k)
-        out[f"HR@{k}"] = float((w * hit).sum())
-        out[f"NDCG@{k}"] = float((w * np.where(hit, 1.0 / np.log2(np.maximum(ranks, 1) + 1.0), 0.0)).sum())
-    # MRR over the retrieved list: a target beyond the top-K counts 0 (under 1/K from the full-ranking MRR)
-    out["MRR"] = float((w * np.where(ranks > 0, 1.0 / np.maximum(ranks, 1), 0.0)).sum())
-    out["Score"] = 0.31 * out["HR@10"] + 0.69 * out["NDCG@10"]
-    return out
-
-
 def evaluate(result: dict[str, list[int]], users: list[str], targets: np.ndarray, actions: np.ndarray,
-             ks: list[int]) -> dict[str, dict]:
-    """{"all", "weighted", "click", "conversion", ...} -> metrics; "missing": users absent from the result."""
-    ranks = target_ranks(result, users, targets)
-    ones = np.ones(len(users))
-    out = {"all": summarise(ranks, ones, ks),
-           "weighted": summarise(ranks, np.array([WEIGHTS.get(a, 1.0) for a in actions.tolist()]), ks)}
+             ks: list[int], cold: np.ndarray | None = None) -> dict[str, dict]:
+    """{"all", "weighted", "click", "conversion", ..., "cold target"} -> metrics; "missing": users absent from the
+    result. `cold` (U,) bool marks targets that are no trained item (new to the catalogue or never in seq.jsonl)."""
+    ranks = target_ranks([result.get(u) for u in users], targets)
+    out = {"all": summarise(ranks, ks),
+           "weighted": summarise(ranks, ks, np.array([WEIGHTS.get(a, 1.0) for a in actions.tolist()]))}
     for a in sorted(set(actions.tolist())):
-        sel = actions == a
-        out[GROUPS.get(a, f"action_{a}")] = summarise(ranks[sel], ones[sel], ks)
+        out[GROUPS.get(a, f"action_{a}")] = summarise(ranks[actions == a], ks)
+    if cold is not None:
+        out["cold target"] = summarise(ranks[cold], ks)
+        out["warm target"] = summarise(ranks[~cold], ks)
     out["missing"] = sum(u not in result for u in users)
     return out
 
 
-def popularity_result(model_dir: Path, eval_dir: Path, k: int) -> dict[str, list[int]]:
+def trained_items(model_dir: Path) -> np.ndarray:
+    """Raw creative ids of the items the checkpoint was trained on (events in seq.jsonl), sorted."""
+    raw = np.load(model_dir / "item_raw_id.npy")
+    counts = model_dir / "item_count.npy"  # absent in checkpoints of older versions: every item counts as trained
+    trained = np.load(counts) > 0 if counts.exists() else np.ones(len(raw), bool)
+    return np.sort(raw[trained & (raw > 0)])
+
+
+def popularity_result(model_dir: Path, eval_dir: Path, k: int, user_ids: UserIds | None) -> dict[str, list[int]]:
     """The most frequent creative ids of all predict_seq histories among the candidates, history filtered."""
     from infer import iter_predict_set  # the same streaming, validated reader as inference
 
@@ -114,7 +105,7 @@ def popularity_result(model_dir: Path, eval_dir: Path, k: int) -> dict[str, list
         records = reader.read(line)
         ids = np.array([r[1] for r in split_records(records)[0]], np.int64)
         hists.append(np.where(ids <= itemnum, item_raw_id[np.minimum(ids, itemnum)], ids))  # re-id -> raw id
-        users.append(str(records[0][0]))
+        users.append(raw_user(records[0][0], user_ids, reader.path, line + 1))
     seen, counts = np.unique(np.concatenate(hists + [np.zeros(0, np.int64)]), return_counts=True)
     path = eval_dir / "predict_set.jsonl"
     cands = (np.concatenate([c for c, _ in iter_predict_set(path, 65536)]) if path.exists()
@@ -124,17 +115,7 @@ def popularity_result(model_dir: Path, eval_dir: Path, k: int) -> dict[str, list
     if len(seen):
         p = np.minimum(np.searchsorted(seen, cands), len(seen) - 1)
         pop = np.where(seen[p] == cands, counts[p], 0)
-    ranked = cands[np.argsort(-pop, kind="stable")].tolist()  # ties keep the candidate file order
-    out = {}
-    for u, h in zip(users, hists):
-        h, top = set(h.tolist()), []
-        for c in ranked:  # stops after at most k + len(history) candidates
-            if c not in h:
-                top.append(c)
-                if len(top) == k:
-                    break
-        out[u] = top
-    return out
+    return dict(zip(users, popularity_topk(cands, pop, hists, k)))
 
 
 def table(reports: dict[str, dict], ks: list[int]) -> str:
@@ -149,20 +130,28 @@ def table(reports: dict[str, dict], ks: list[int]) -> str:
     return "\n".join(rows)
 
 
-@exit_on_data_error
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     eval_default = env_default("EVAL_DATA_PATH", "./eval")
     p.add_argument("--result", default=str(Path(env_default("EVAL_RESULT_PATH", "./results")) / "result.json"),
-                   help="result.json of infer.py (default $EVAL_RESULT_PATH/result.json)")
+                   help="result.json of infer.py ($EVAL_RESULT_PATH/result.json)")
     p.add_argument("--ground-truth", default=str(Path(eval_default) / "ground_truth.json"),
-                   help="ground_truth.json (default $EVAL_DATA_PATH/ground_truth.json)")
+                   help="ground_truth.json ($EVAL_DATA_PATH/ground_truth.json)")
     p.add_argument("--k", type=int, nargs="+", default=[10], help="cut-offs (10 is always included: Score uses it)")
     p.add_argument("--baseline", choices=["popularity"], help="also score a baseline (see above)")
     p.add_argument("--model-dir", default=env_default("MODEL_OUTPUT_PATH", ""),
-                   help="checkpoint folder, for the baseline's id tables (env MODEL_OUTPUT_PATH)")
+                   help="checkpoint folder (env MODEL_OUTPUT_PATH): the baseline's id tables, and the trained items "
+                        "for the 'cold target' / 'warm target' groups")
     p.add_argument("--eval-dir", default=None, help="eval data for the baseline (default: the ground truth's folder)")
+    p.add_argument("--indexer", default="", help="indexer.pkl mapping predict_seq's integer user re-ids back to raw "
+                   "ids, for the baseline (default: the eval folder's, else the training data's)")
     p.add_argument("--out", default=None, help="metrics JSON (default: metrics.json beside the result)")
+    return p
+
+
+@exit_on_data_error
+def main(argv: list[str] | None = None) -> dict:
+    p = build_parser()
     args = p.parse_args(argv)
     ks = sorted(set(args.k) | {10})
     if min(ks) < 1:
@@ -175,11 +164,17 @@ def main(argv: list[str] | None = None) -> dict:
     longest = max((len(t) for t in result.values()), default=0)
     if max(ks) > longest:
         print(f"evaluate: note: result lists have at most {longest} items; @{max(ks)} sees only those", file=sys.stderr)
-    reports = {"model": evaluate(result, users, targets, actions, ks)}
+    cold, model_dir = None, resolve_model_dir(Path(args.model_dir)) if args.model_dir else None
+    if model_dir is not None:
+        cold = ~np.isin(targets, trained_items(model_dir))
+    reports = {"model": evaluate(result, users, targets, actions, ks, cold)}
     if args.baseline:
         eval_dir = Path(args.eval_dir) if args.eval_dir else gt_path.parent
-        pop = popularity_result(Path(args.model_dir), eval_dir, longest or max(ks))  # lists as long as the model's
-        reports["popularity"] = evaluate(pop, users, targets, actions, ks)
+        reader = SeqReader(eval_dir / "predict_seq.jsonl", eval_dir / "predict_seq_offsets.pkl")
+        user_ids = user_ids_for(reader.read(0)[0][0] if len(reader) else "", args.indexer, eval_dir,
+                                env_default("TRAIN_DATA_PATH", "") or train_data_dir(model_dir))
+        pop = popularity_result(model_dir, eval_dir, longest or max(ks), user_ids)  # lists as long as the model's
+        reports["popularity"] = evaluate(pop, users, targets, actions, ks, cold)
         reports["popularity"]["source"] = "creative-id counts over all predict_seq histories"
     print(table({n: {g: v for g, v in r.items() if isinstance(v, dict)} for n, r in reports.items()}, ks))
     missing = reports["model"]["missing"]

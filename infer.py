@@ -1,11 +1,12 @@
 """Inference: the top-K candidates for every test user, from one checkpoint folder and the eval data.
 
     python infer.py --model-dir checkpoints/global_stepN [--eval-dir ./eval] [--result-dir ./results] [--topk 10]
-    ./infer.sh checkpoints/global_stepN [TOPK]        # the same, then evaluate.py when ground truth exists
+    ./infer.sh checkpoints [TOPK]       # the best checkpoint of a run, then evaluate.py when ground truth exists
 
 Reads EVAL_DIR/predict_seq.jsonl (+ predict_seq_offsets.pkl), user_action_type.json and, if present,
-predict_set.jsonl (the candidates; without it every training item is a candidate). User vectors take each
-user's target action type as the condition; exact top-K by chunked matrix product; items already in the
+predict_set.jsonl (the candidates; without it every training item is a candidate). User ids may be raw id
+strings or integer re-ids (then mapped back through indexer['u']: results always name raw ids). User vectors
+take each user's target action type as the condition; exact top-K by chunked matrix product; items already in the
 user's history are skipped unless --keep-history. Writes RESULT_DIR/result.json
 ({"top10s": [[creative ids]], "user": [raw user ids]}, aligned, in predict_seq order, whatever K is) and
 RESULT_DIR/results.csv (user, rank, creative_id, score), both atomically.
@@ -31,9 +32,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import DataError, atomic_write, data_error, env_default, exit_on_data_error, safe_torch_load
+from checkpoint import resolve_model_dir, train_data_dir
+from common import DataError, HelpFormatter, atomic_write, data_error, env_default, exit_on_data_error, safe_torch_load
 from dataset import EvalDataset, FeatureSpec, SeqReader, collate
 from distributed import barrier, cleanup, setup
+from ids import RawIds, user_ids_for
 from mm_emb import MMFeatures, emb_dir_of, ensure_tables, has_table, with_mm
 from model import HSTUModel, ModelConfig
 from retrieval import topk_chunked
@@ -42,33 +45,38 @@ Tensor = torch.Tensor
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-dir", default=env_default("MODEL_OUTPUT_PATH", ""),
-                   help="checkpoint folder checkpoints/global_stepN (env MODEL_OUTPUT_PATH)")
+                   help="a checkpoint folder (checkpoints/global_stepN), or a checkpoints folder: then its best "
+                        "validation checkpoint (best.json) (env MODEL_OUTPUT_PATH)")
     p.add_argument("--eval-dir", default=env_default("EVAL_DATA_PATH", "./eval"),
-                   help="evaluation data folder (env EVAL_DATA_PATH, default ./eval)")
+                   help="evaluation data folder (env EVAL_DATA_PATH)")
     p.add_argument("--result-dir", default=env_default("EVAL_RESULT_PATH", "./results"),
-                   help="where result.json and results.csv go (env EVAL_RESULT_PATH, default ./results)")
-    p.add_argument("--topk", type=int, default=10, help="items per user (default 10; the key stays 'top10s')")
+                   help="where result.json and results.csv go (env EVAL_RESULT_PATH)")
+    p.add_argument("--topk", type=int, default=10, help="items per user (the key stays 'top10s')")
     p.add_argument("--keep-history", action="store_true", help="do not filter out items already in the history")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=256, help="users per batch (default 256)")
-    p.add_argument("--item-chunk", type=int, default=65536, help="candidates scored at once: bounds memory (default 65536)")
-    p.add_argument("--set-chunk", type=int, default=65536, help="predict_set lines parsed and encoded at once (default 65536)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--batch-size", type=int, default=256, help="users per batch")
+    p.add_argument("--item-chunk", type=int, default=65536, help="candidates scored at once: bounds memory")
+    p.add_argument("--set-chunk", type=int, default=65536, help="predict_set lines parsed and encoded at once")
     p.add_argument("--num-workers", type=int, default=min(4, max((os.cpu_count() or 1) - 1, 0)),
-                   help="processes reading predict_seq (default: min(4, CPUs - 1))")
+                   help="processes reading predict_seq (min(4, CPUs - 1))")
+    p.add_argument("--indexer", default="",
+                   help="indexer.pkl whose 'u' map turns integer user re-ids in predict_seq back into raw user ids "
+                        "(default: EVAL_DIR/indexer.pkl, else the training data's; needed only for re-ids)")
     p.add_argument("--mm-emb-dir", default="",
                    help="models trained with --mm-emb-id only: the creative_emb folder with the vectors (of training "
                         "and cold candidate items; default: EVAL_DIR/creative_emb, else $TRAIN_DATA_PATH/creative_emb). "
                         "The feature ids come from the checkpoint")
     p.add_argument("--cache-dir", default=env_default("USER_CACHE_PATH", "./cache"),
                    help="models trained with --mm-emb-id only: where the multimodal tables are built, or reused when "
-                        "up to date, e.g. the ones training built (env USER_CACHE_PATH, default ./cache)")
+                        "up to date, e.g. the ones training built (env USER_CACHE_PATH)")
     return p
 
 
-def load_model(model_dir: Path, device: torch.device) -> tuple[HSTUModel, FeatureSpec, np.ndarray, np.ndarray]:
-    """-> (model in eval mode, feature spec, item_feat (itemnum+1, Fi), item_raw_id (itemnum+1,)) from the folder."""
+def load_model(model_dir: Path, device: torch.device) -> tuple[HSTUModel, FeatureSpec, np.ndarray, np.ndarray, np.ndarray]:
+    """-> (model in eval mode, feature spec, item_feat (itemnum+1, Fi), item_raw_id (itemnum+1,), trained
+    (itemnum+1,) bool: items with training events) from a checkpoint folder."""
     path = model_dir / "model.pt"
     if not path.exists():
         raise data_error(path, None, "not found: expected a checkpoint folder checkpoints/global_stepN/")
@@ -86,10 +94,12 @@ def load_model(model_dir: Path, device: torch.device) -> tuple[HSTUModel, Featur
     item_feat = np.load(model_dir / "item_feat.npy", mmap_mode="r")  # a catalogue-sized table: not read into memory
     item_raw_id = np.load(model_dir / "item_raw_id.npy")
     n = spec.itemnum + 1
-    if item_feat.shape != (n, spec.item_cols) or item_raw_id.shape != (n,):
-        raise data_error(model_dir, None, f"item_feat.npy {item_feat.shape} / item_raw_id.npy {item_raw_id.shape} "
-                         f"do not match the model ({n} rows, {spec.item_cols} feature columns)")
-    return model.to(device).eval(), spec, item_feat, item_raw_id
+    counts = model_dir / "item_count.npy"  # absent in checkpoints of older versions: every item counts as trained
+    trained = np.load(counts) > 0 if counts.exists() else np.ones(n, bool)
+    if item_feat.shape != (n, spec.item_cols) or item_raw_id.shape != (n,) or trained.shape != (n,):
+        raise data_error(model_dir, None, f"item_feat.npy {item_feat.shape} / item_raw_id.npy {item_raw_id.shape} / "
+                         f"item_count.npy {trained.shape} do not match the model ({n} rows, {spec.item_cols} columns)")
+    return model.to(device).eval(), spec, item_feat, item_raw_id, trained
 
 
 def load_multimodal(cfg: ModelConfig, mm_emb_dir: str, eval_dir: Path, cache_dir: Path,
@@ -113,19 +123,6 @@ def load_multimodal(cfg: ModelConfig, mm_emb_dir: str, eval_dir: Path, cache_dir
     if dims != cfg.mm_dims:
         raise data_error(src, None, f"multimodal dims {dims} (from the names) differ from the model's {cfg.mm_dims}")
     return MMFeatures(cache_dir, fids, dims)
-
-
-class RawIds:
-    """Raw creative id -> re-id by binary search on a sorted copy: no Python dict of the catalogue."""
-
-    def __init__(self, item_raw_id: np.ndarray):
-        self.order = np.argsort(item_raw_id, kind="stable")  # (I+1,)
-        self.sorted = item_raw_id[self.order]
-
-    def reid(self, raw: np.ndarray) -> np.ndarray:
-        """(n,) raw ids -> (n,) re-ids, 0 where the id is not a training item."""
-        p = np.minimum(np.searchsorted(self.sorted, raw), len(self.sorted) - 1)
-        return np.where((self.sorted[p] == raw) & (raw > 0), self.order[p], 0)
 
 
 def iter_predict_set(path: Path, chunk: int) -> Iterator[tuple[np.ndarray, list[dict]]]:
@@ -166,50 +163,62 @@ def encode_items(model: HSTUModel, ids: np.ndarray, feats: np.ndarray, device: t
     return v.float()
 
 
+def count_lines(path: Path) -> int:
+    """Newlines in a file, read in blocks (an upper bound of its lines: blank lines count too)."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            n, last = n + block.count(b"\n"), block[-1:]
+    return n + (last != b"\n")
+
+
 def load_candidates(model: HSTUModel, eval_dir: Path, spec: FeatureSpec, item_feat: np.ndarray,
-                    item_raw_id: np.ndarray, device: torch.device, chunk: int,
+                    item_raw_id: np.ndarray, trained: np.ndarray, device: torch.device, chunk: int,
                     mm: MMFeatures | None = None) -> tuple[np.ndarray, Tensor]:
-    """-> (creative ids (M,), vectors (M, D)). A training item (its raw id is in item_raw_id) gets its id
-    embedding and its training features, as the model saw it; a cold item gets id 0 and its own features,
-    with unseen or string values as padding. Duplicate creative ids keep their first line. With multimodal
-    inputs a training item gets its table row, a cold item its own vector where the source has one (else a
-    zero row, which the item tower counts as absent)."""
+    """-> (creative ids (M,), vectors (M, D)), the vectors written chunk by chunk into one preallocated buffer
+    (no second copy of the catalogue). An item the model was trained on gets its id embedding and its training
+    features, as the model saw it; any other item (new to the catalogue, or in the indexer but never in the
+    training data) is cold: id 0 and the features of its predict_set line, unseen or string values as
+    padding. Duplicate creative ids keep their first line. With multimodal inputs a training item gets its
+    table row, a cold item its own vector where the source has one (else a zero row, read as absent)."""
     path = eval_dir / "predict_set.jsonl"
-    cids, vecs = [], []
-
-    def encode(reid: np.ndarray, feats: np.ndarray, raw: np.ndarray) -> Tensor:
-        if mm is None:
-            return encode_items(model, reid, feats, device)
-        step = max(1024, (256 << 20) // (4 * mm.dim))  # dense rows are wide: about 256 MB of them at once
-        return torch.cat([encode_items(model, reid[s:s + step], feats[s:s + step], device,
-                                       mm.vectors(reid[s:s + step], raw[s:s + step])) for s in range(0, len(reid), step)])
-
     if path.exists():
-        index = RawIds(item_raw_id)
-        for c, fe in iter_predict_set(path, chunk):
-            reid = index.reid(c)  # (n,)
-            feats = np.asarray(item_feat[reid], dtype=np.int64)  # (n, Fi); row 0 is all padding
-            for j in np.flatnonzero(reid == 0):
-                feats[j] = spec.item_features(fe[j])
-            cids.append(c)
-            vecs.append(encode(reid, feats, c))
+        index, total = RawIds(item_raw_id), count_lines(path)
+        chunks = ((c, index.reid(c), fe) for c, fe in iter_predict_set(path, chunk))
     else:
         print(f"infer: no {path.name} in {eval_dir}: every training item is a candidate", file=sys.stderr)
         reids = np.flatnonzero(item_raw_id > 0)  # items without a raw id could not be reported
-        for s in range(0, len(reids), chunk):
-            r = reids[s:s + chunk]
-            cids.append(item_raw_id[r])
-            vecs.append(encode(r, np.asarray(item_feat[r], dtype=np.int64), item_raw_id[r]))
-    if not cids:
+        total = len(reids)
+        chunks = ((item_raw_id[r], r, None) for r in (reids[s:s + chunk] for s in range(0, total, chunk)))
+    cids = np.zeros(total, np.int64)
+    vecs = torch.empty(total, model.cfg.hidden, device=device)  # float32: scores stay exact
+    n = 0
+    for c, reid, fe in chunks:
+        cold = ~trained[reid] | (reid == 0)
+        feats = np.asarray(item_feat[reid], dtype=np.int64)  # (n, Fi); row 0 is all padding
+        if fe is not None:  # predict_set: a cold item's own features
+            for j in np.flatnonzero(cold):
+                feats[j] = spec.item_features(fe[j])
+        ids = np.where(cold, 0, reid)
+        step = max(1, (256 << 20) // (4 * mm.dim)) if mm is not None else len(ids)  # dense rows: ~256 MB at once
+        for s in range(0, len(ids), step):
+            e = min(s + step, len(ids))
+            rows = mm.vectors(reid[s:e], c[s:e]) if mm is not None else None  # table row, or by raw id if new
+            vecs[n + s:n + e] = encode_items(model, ids[s:e], feats[s:e], device, rows)
+        cids[n:n + len(c)] = c
+        n += len(c)
+    if n == 0:
         raise data_error(path, None, "no candidates")
-    all_c, all_v = np.concatenate(cids), torch.cat(vecs)
-    _, first = np.unique(all_c, return_index=True)
-    if len(first) < len(all_c):
-        print(f"infer: warning: {len(all_c) - len(first)} duplicate creative ids in {path.name}; "
+    cids, vecs = cids[:n], vecs[:n]
+    _, first = np.unique(cids, return_index=True)
+    if len(first) < n:
+        print(f"infer: warning: {n - len(first)} duplicate creative ids in {path.name}; "
               "the first line of each is used", file=sys.stderr)
         keep = np.sort(first)
-        all_c, all_v = all_c[keep], all_v[torch.from_numpy(keep).to(all_v.device)]
-    return all_c, all_v
+        for s in range(0, len(keep), chunk):  # in place: keep[j] >= j, so no row is read after it is overwritten
+            vecs[s:s + chunk] = vecs[torch.from_numpy(keep[s:s + chunk]).to(device)]
+        cids, vecs = cids[keep], vecs[:len(keep)]
+    return cids, vecs
 
 
 def load_target_actions(path: Path) -> dict[str, int]:
@@ -241,9 +250,30 @@ def _one_line(e: DataError) -> DataError:
     return DataError(last.split("DataError: ", 1)[-1])
 
 
+def retrieve(model: HSTUModel, loader: DataLoader, cids: np.ndarray, cand: Tensor, args: argparse.Namespace,
+             device: torch.device, shard, bar: tqdm, world: int) -> None:
+    """Top-K of every user the loader yields -> shard lines [raw user id, creative ids, scores]."""
+    cand_order = np.argsort(cids, kind="stable")
+    cand_sorted = cids[cand_order]
+    for batch in loader:
+        uid = batch["user_id"]  # raw user ids, str
+        exclude = None if args.keep_history else history_positions(batch["history_raw"], cand_order,
+                                                                    cand_sorted).to(device)
+        batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and not k.startswith("history")}
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            u = model.user_vectors(batch)
+        # float32 scores outside autocast: bf16 scores would tie neighbouring candidates
+        scores, pos = topk_chunked(u.float(), cand, args.topk, exclude, item_chunk=args.item_chunk)
+        scores, pos = scores.cpu().numpy(), pos.cpu().numpy()  # (B, K)
+        for i, user in enumerate(uid):
+            ok = pos[i] >= 0  # fewer than K remain only when the candidates run out
+            shard.write(json.dumps([user, cids[pos[i][ok]].tolist(), np.round(scores[i][ok], 6).tolist()]) + "\n")
+        bar.update(len(uid) * world)  # the ranks advance together
+
+
 @exit_on_data_error
 def main(argv: list[str] | None = None) -> dict:
-    """Run inference; returns {"users": n, "result": path, "csv": path, "missing_action": n}."""
+    """Run inference; returns {"users": n, "result": path, "csv": path, "missing_action": n, "model_dir": path}."""
     args = build_parser().parse_args(argv)
     if not args.model_dir:
         build_parser().error("--model-dir is required (or set MODEL_OUTPUT_PATH)")
@@ -251,38 +281,26 @@ def main(argv: list[str] | None = None) -> dict:
         build_parser().error("--topk must be >= 1")
     d, device = setup(args.device)  # under torchrun each rank takes a share of the users
     eval_dir, result_dir = Path(args.eval_dir), Path(args.result_dir)
-    model, spec, item_feat, item_raw_id = load_model(Path(args.model_dir), device)
+    model_dir = resolve_model_dir(Path(args.model_dir))
+    model, spec, item_feat, item_raw_id, trained = load_model(model_dir, device)
     mm = load_multimodal(model.cfg, args.mm_emb_dir, eval_dir, Path(args.cache_dir), item_raw_id)
-    cids, cand = load_candidates(model, eval_dir, spec, item_feat, item_raw_id, device, args.set_chunk, mm)
-    cand_order = np.argsort(cids, kind="stable")
-    cand_sorted = cids[cand_order]
+    cids, cand = load_candidates(model, eval_dir, spec, item_feat, item_raw_id, trained, device, args.set_chunk, mm)
 
     actions = load_target_actions(eval_dir / "user_action_type.json")
     reader = SeqReader(eval_dir / "predict_seq.jsonl", eval_dir / "predict_seq_offsets.pkl")
+    user_ids = user_ids_for(reader.read(0)[0][0] if len(reader) else "", args.indexer, eval_dir,
+                            env_default("TRAIN_DATA_PATH", "") or train_data_dir(model_dir))
     lines = np.array_split(np.arange(len(reader)), d.world)[d.rank]  # under torchrun: this rank's users
-    data = EvalDataset(reader, lines, item_feat, item_raw_id, spec, model.cfg.maxlen, target_action=actions)
+    data = EvalDataset(reader, lines, item_feat, item_raw_id, spec, model.cfg.maxlen, target_action=actions,
+                       trained=trained, user_ids=user_ids)
     loader = DataLoader(with_mm(data, mm), batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     if d.main:
-        print(f"infer: {len(reader)} users, {len(cids)} candidates, top-{args.topk}, device {device}, "
-              f"ranks {d.world}", file=sys.stderr)
-
+        print(f"infer: {model_dir}: {len(reader)} users, {len(cids)} candidates, top-{args.topk}, device {device}, "
+              f"ranks {d.world}" + (f", user re-ids mapped by {user_ids.source}" if user_ids else ""), file=sys.stderr)
     bar = tqdm(total=len(reader), unit="user", desc="infer", dynamic_ncols=True, mininterval=1.0, disable=not d.main)
     try:
         with atomic_write(shard_path(result_dir, d.rank), "w") as shard:
-            for batch in loader:
-                uid = batch["user_id"]  # raw user ids, str
-                exclude = None if args.keep_history else history_positions(batch["history_raw"], cand_order,
-                                                                            cand_sorted).to(device)
-                batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and not k.startswith("history")}
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    u = model.user_vectors(batch)
-                # float32 scores outside autocast: bf16 scores would tie neighbouring candidates
-                scores, pos = topk_chunked(u.float(), cand, args.topk, exclude, item_chunk=args.item_chunk)
-                scores, pos = scores.cpu().numpy(), pos.cpu().numpy()  # (B, K)
-                for i, user in enumerate(uid):
-                    ok = pos[i] >= 0  # fewer than K remain only when the candidates run out
-                    shard.write(json.dumps([user, cids[pos[i][ok]].tolist(), np.round(scores[i][ok], 6).tolist()]) + "\n")
-                bar.update(len(uid) * d.world)  # the ranks advance together
+            retrieve(model, loader, cids, cand, args, device, shard, bar, d.world)
     except DataError as e:
         raise _one_line(e) from None
     finally:
@@ -297,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"infer: warning: {out['missing_action']} of {out['users']} users are missing from "
                   f"user_action_type.json{absent} and get the click condition", file=sys.stderr)
         print(f"infer: wrote {out['result']} and {out['csv']}", file=sys.stderr)
+        out["model_dir"] = str(model_dir)
     return out
 
 

@@ -22,7 +22,7 @@ import pickle
 import numpy as np
 from tqdm import tqdm
 
-from common import atomic_write
+from common import HelpFormatter, atomic_write
 
 DAY = 86400
 T0 = 1743465600            # 2025-04-01 00:00:00 UTC, start of the simulated window
@@ -271,14 +271,18 @@ def write_creative_emb(world: World, data_dir: str, fid: int, seed: int) -> int:
 
 
 def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42, topics: int = 24,
-             test_users: int | None = None, progress: bool = True, mm_emb_ids: tuple[int, ...] = ()) -> dict:
+             test_users: int | None = None, progress: bool = True, mm_emb_ids: tuple[int, ...] = (),
+             eval_user_ids: str = "raw") -> dict:
     """Write the dataset under out_dir (data/ and eval/, and data/creative_emb/ for `mm_emb_ids`);
-    return a summary dict."""
+    return a summary dict. eval_user_ids: 'raw' (predict_seq names users by raw id strings, as the competition
+    does) or 'reid' (integer re-ids, as in seq.jsonl; indexer['u'] then covers the test users too)."""
     if users < 1 or items < 1 or topics < 4:
         raise ValueError("need users >= 1, items >= 1 and topics >= 4 (4 interest slots a user)")
     bad = [f for f in mm_emb_ids if f not in MM_DIMS]
     if bad or len(set(mm_emb_ids)) != len(mm_emb_ids):
         raise ValueError(f"mm_emb_ids must be distinct ids among {sorted(MM_DIMS)}, got {list(mm_emb_ids)}")
+    if eval_user_ids not in ("raw", "reid"):
+        raise ValueError(f"eval_user_ids must be 'raw' or 'reid', got {eval_user_ids!r}")
     if items > 3_000_000:
         raise ValueError("items must be <= 3,000,000 (raw feature values are fid * 10**7 + k)")
     n_test = max(1, users // 10 if test_users is None else test_users)
@@ -331,7 +335,8 @@ def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42,
                 uid = f"user_{test_raw[done]:08d}"
                 gt[uid] = {"creative_id": int(world.raw[item[k]]), "action_type": action[k]}
                 uat[uid] = action[k]
-                off = write_lines(f, off, json.dumps(uid), mids_eval, item[a:k], action[a:k],
+                field = json.dumps(uid) if eval_user_ids == "raw" else str(users + done + 1)  # re-ids after training's
+                off = write_lines(f, off, field, mids_eval, item[a:k], action[a:k],
                                   t[a:k], world.profile(uf, i, cold), eval_offsets)
                 done += 1
                 bar.update(1)
@@ -344,7 +349,8 @@ def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42,
 
     dump_pickle(os.path.join(data_dir, "seq_offsets.pkl"), offsets)
     dump_pickle(os.path.join(eval_dir, "predict_seq_offsets.pkl"), eval_offsets)
-    indexer = {"u": {f"user_{r:08d}": i + 1 for i, r in enumerate(train_raw)},
+    test_reids = {f"user_{r:08d}": users + i + 1 for i, r in enumerate(test_raw)} if eval_user_ids == "reid" else {}
+    indexer = {"u": {**{f"user_{r:08d}": i + 1 for i, r in enumerate(train_raw)}, **test_reids},
                "i": {int(r): j + 1 for j, r in enumerate(world.raw[:M].tolist())},
                "f": {f: {int(r): k + 1 for k, r in enumerate(world.raw_feat[f].tolist())}
                      for f in sorted(world.vocab)}}
@@ -373,7 +379,7 @@ def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--out", default="sample_data", help="output folder (gets data/ and eval/)")
     ap.add_argument("--users", type=int, default=6000, help="training users in seq.jsonl")
     ap.add_argument("--items", type=int, default=4000, help="training items (catalogue size)")
@@ -384,8 +390,12 @@ def main() -> None:
                          "81:32 82:1024 83:3584 84:4096 85:3584 86:3584); default none")
     ap.add_argument("--test-users", type=int, default=None,
                     help="eval users, disjoint from training (default: users // 10, at least 1)")
+    ap.add_argument("--eval-user-ids", choices=["raw", "reid"], default="raw",
+                    help="how predict_seq.jsonl names its users: raw id strings, as the competition's files do, or "
+                         "integer re-ids of indexer['u'], as seq.jsonl does (the indexer then covers the test users)")
     args = ap.parse_args()
-    generate(args.out, args.users, args.items, args.seed, args.topics, args.test_users, mm_emb_ids=args.mm_emb_id)
+    generate(args.out, args.users, args.items, args.seed, args.topics, args.test_users, mm_emb_ids=args.mm_emb_id,
+             eval_user_ids=args.eval_user_ids)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import polars as pl
 from tqdm import tqdm
 
 from common import atomic_save_json, atomic_save_npy, data_error, iter_line_blocks, safe_load_pickle
+from ids import RawIds
 
 TABLE_VERSION = 1
 SOURCE_RE = re.compile(r"^emb_(\d+)_(\d+)(\.pkl)?$")
@@ -92,19 +93,6 @@ def source_files(src: Path) -> list[Path]:
 def id_map_digest(item_raw_id: np.ndarray) -> str:
     """Digest of the re-id -> raw id map: a table built for another indexer is never reused."""
     return hashlib.sha1(memoryview(np.ascontiguousarray(item_raw_id, dtype=np.int64))).hexdigest()
-
-
-class RawIndex:
-    """Raw creative id -> re-id by binary search on a sorted copy of item_raw_id (no dict of the catalogue)."""
-
-    def __init__(self, item_raw_id: np.ndarray):
-        self.order = np.argsort(item_raw_id, kind="stable")  # (I+1,)
-        self.sorted = np.asarray(item_raw_id, np.int64)[self.order]
-
-    def reid(self, raw: np.ndarray) -> np.ndarray:
-        """(n,) raw ids -> (n,) re-ids, 0 where the id is not a training item."""
-        p = np.minimum(np.searchsorted(self.sorted, raw), len(self.sorted) - 1)
-        return np.where((self.sorted[p] == raw) & (raw > 0), self.order[p], 0)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -257,7 +245,7 @@ def convert(src: Path, dim: int, files: list[Path], cache_dir: Path, fid: str, i
     paths = table_paths(cache_dir, fid, dim)
     paths["meta"].unlink(missing_ok=True)  # from here on the old files are not valid together
     rows = len(item_raw_id)
-    index = RawIndex(item_raw_id)
+    index = RawIds(item_raw_id)
     mask = np.zeros(rows, bool)  # (itemnum+1,)
     cold_ids: list[np.ndarray] = []
     tmp_table, tmp_cold = (_temp_beside(paths[k]) for k in ("table", "cold"))

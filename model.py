@@ -30,7 +30,9 @@ class ModelConfig:
     num_time_buckets: int = 64  # log buckets of |dt| for the attention bias
     max_dt_days: float = 30.0  # |dt| >= this falls into the last bucket
     rel_pos_bias: bool = True  # also a learned attention bias per head per distance i - j
+    # 111 has one value per item: an id in disguise that would bypass the feature-only path of cold items
     exclude_item_feats: tuple[str, ...] = ("111",)
+    id_dropout: float = 0.1  # training only: share of item tokens and candidates encoded without their id
     mm_dims: tuple[int, ...] = ()  # widths of optional dense (multimodal) item inputs
     mm_fids: tuple[str, ...] = ()  # their creative_emb feature ids (one per mm_dims entry), for inference
     model: str = "hstu"  # "hstu" or "sasrec"
@@ -48,6 +50,8 @@ class ModelConfig:
             raise ValueError(f"model must be 'hstu' or 'sasrec', got {self.model!r}")
         if self.num_time_buckets < 2:
             raise ValueError("num_time_buckets must be >= 2")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
 
     @property
     def num_positions(self) -> int:
@@ -89,7 +93,8 @@ def causal_key_mask(mask: Tensor) -> Tensor:
 
 class ItemTower(nn.Module):
     """concat(item-id emb, kept sparse feature embs, mean-pooled array feature embs, projected dense inputs)
-    -> dropout -> MLP."""
+    -> dropout -> MLP. In training a share `id_dropout` of the items lose their id (id 0, features only):
+    items never trained on (cold at inference) take exactly that path, so it must be trained too."""
 
     def __init__(self, cfg: ModelConfig, schema: Schema, itemnum: int) -> None:
         super().__init__()
@@ -118,6 +123,7 @@ class ItemTower(nn.Module):
             nn.Sequential(nn.Linear(d, cfg.feat_dim), nn.LayerNorm(cfg.feat_dim)) for d in cfg.mm_dims)
         in_dim = cfg.id_dim + cfg.feat_dim * (len(kept) + len(self.array_fids) + len(cfg.mm_dims))
         self.drop = nn.Dropout(cfg.emb_dropout)
+        self.id_dropout = cfg.id_dropout
         self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
 
     def forward(self, item_ids: Tensor, item_feats: Tensor, mm: list[Tensor] | Tensor | None = None) -> Tensor:
@@ -125,6 +131,8 @@ class ItemTower(nn.Module):
         if item_feats.shape[-1] != self.num_cols:
             raise ValueError(f"item_feats has {item_feats.shape[-1]} columns, schema has {self.num_cols}")
         feats = item_feats.index_select(-1, self.feat_cols)  # (..., F_kept)
+        if self.training and self.id_dropout > 0:
+            item_ids = item_ids.masked_fill(torch.rand(item_ids.shape, device=item_ids.device) < self.id_dropout, 0)
         parts = [self.id_emb(item_ids)] + [emb(feats[..., c]) for c, emb in enumerate(self.feat_emb)]
         for (a, b), emb in zip(self.array_slices, self.array_emb):
             ids = item_feats[..., a:b]  # (..., A), right-padded with 0

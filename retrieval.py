@@ -139,19 +139,9 @@ def topk_reference(users: Tensor, items: Tensor, k: int, exclude: Tensor | None 
     return s.topk(min(k, s.shape[1]), dim=1)
 
 
-def rank_metrics(topk: np.ndarray, target: np.ndarray, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
-    """topk (U, K) ranked ids, target (U,) one id per user. HitRate@k, NDCG@k (= 1/log2(rank+1), rank from 1),
-    MRR over the retrieved list, and the competition Score = 0.31·HR@10 + 0.69·NDCG@10. Users whose target is
-    0 (nothing to hold out: a user without items) are left out."""
-    topk, target = topk[target > 0], target[target > 0]
-    hit = topk == target[:, None]  # (U, K)
-    rank = np.where(hit.any(1), hit.argmax(1) + 1, 0)  # 0: not retrieved
-    out = {}
-    for k in ks:
-        found = (rank > 0) & (rank <= k)
-        out[f"HR@{k}"] = float(found.mean()) if len(rank) else 0.0
-        out[f"NDCG@{k}"] = float(np.where(found, 1.0 / np.log2(np.maximum(rank, 1) + 1.0), 0.0).mean()) if len(rank) else 0.0
-    out["MRR"] = float(np.where(rank > 0, 1.0 / np.maximum(rank, 1), 0.0).mean()) if len(rank) else 0.0
-    if 10 in ks:
-        out["Score"] = 0.31 * out["HR@10"] + 0.69 * out["NDCG@10"]
-    return out
+def merge_topk(best_s: Tensor, best_i: Tensor, s: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+    """Two (U, k) top lists (scores best first, ids) -> the (U, k) best of both: a running top-k over streamed
+    item chunks."""
+    k = best_s.shape[1]
+    merged_s, order = torch.cat([best_s, s], 1).topk(k, dim=1)
+    return merged_s, torch.cat([best_i, i], 1).gather(1, order)

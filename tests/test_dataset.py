@@ -11,7 +11,8 @@ import get_stat
 from common import DataError, load_stat
 from conftest import item_rec, profile_rec, write_data
 from dataset import (ActivePool, EpochSampler, EvalDataset, FeatureSpec, SeqReader, TrainDataset, collate,
-                     split_users)
+                     split_users, training_item_stats)
+from ids import UserIds
 
 ITEMNUM = 12
 
@@ -101,7 +102,8 @@ def test_eval_sample_condition_history_and_cold_start(small, tmp_path):
     assert v["next_action"].tolist() == [0, 0, 1, 2, 3] and v["history"].tolist() == [5, 7]
     batch = collate([val[0], val[1], val[2]])
     assert batch["seq_item"].shape == (3, 5) and batch["history"].shape == (3, 10)
-    assert batch["user_id"] == ["1", "2", "3"] and batch["target"].tolist() == [5, 11, 9]
+    # user 2 has exposures only: no target a test user could have (a click or conversion), so not validated
+    assert batch["user_id"] == ["1", "2", "3"] and batch["target"].tolist() == [5, 0, 9]
     assert val[2]["history"].tolist() == [] and val[2]["next_action"][-1] == 2  # the last click, not exposure 12
 
 
@@ -147,3 +149,61 @@ def test_leave_one_out_split(small):
     assert vds[0]["target"] == 5 and vds[0]["history"].tolist() == [5, 7]
     assert ds[2]["next_item"].tolist() == [0, 0, 0, 0, 0]  # user 3's only click is its first item
     assert vds[2]["target"] == 9 and vds[2]["history"].tolist() == []
+
+
+def _eval_folder(tmp_path, lines: list[list]) -> SeqReader:
+    folder = tmp_path / "eval"
+    folder.mkdir(exist_ok=True)
+    text = [json.dumps(l) + "\n" for l in lines]
+    (folder / "predict_seq.jsonl").write_text("".join(text))
+    with open(folder / "predict_seq_offsets.pkl", "wb") as f:
+        pickle.dump(np.cumsum([0] + [len(t) for t in text[:-1]]).tolist(), f)
+    return SeqReader(folder / "predict_seq.jsonl", folder / "predict_seq_offsets.pkl")
+
+
+def test_integer_user_ids_map_to_raw_ids_for_the_condition(small, tmp_path):
+    # write_data's indexer maps "u1".."u3" to re-ids 1..3; predict_seq may name users by either form
+    reader = _eval_folder(tmp_path, [[item_rec(2, 5, 1, 10), profile_rec(2, 10)],
+                                     [item_rec(3, 7, 1, 10), ["u3", None, None, None, None, 10]],
+                                     [item_rec(9, 7, 1, 10), profile_rec(9, 10)]])
+    users = UserIds.from_indexer(small["data"] / "indexer.pkl")
+    ds = EvalDataset(reader, np.arange(3), small["item_feat"], small["item_raw_id"], small["spec"], maxlen=4,
+                     target_action={"u2": 2, "3": 2}, user_ids=users)
+    assert ds[0]["user_id"] == "u2" and ds[0]["next_action"][-1] == 3  # the raw id's condition (conversion)
+    assert ds[1]["user_id"] == "u3" and ds[1]["next_action"][-1] == 2  # "u3" (a string) as it is; "3" is not it
+    with pytest.raises(DataError, match=r"predict_seq.jsonl:3: user re-id 9 is not in .*indexer.pkl"):
+        ds[2]
+    bare = EvalDataset(reader, np.arange(3), small["item_feat"], small["item_raw_id"], small["spec"], maxlen=4)
+    with pytest.raises(DataError, match=r"predict_seq.jsonl:1: user id 2 is an integer re-id and no indexer"):
+        bare[0]
+
+
+def test_items_never_trained_enter_by_their_own_features(small, tmp_path):
+    # item 7 is in the indexer but (say) never trained on: its feature row must not be used, nor its id
+    reader = _eval_folder(tmp_path, [[["a", 7, None, {"100": 2, "101": 4}, 1, 10], ["a", 5, None, {"100": 1}, 1, 20]]])
+    trained = np.ones(ITEMNUM + 1, bool)
+    trained[7] = False
+    s = EvalDataset(reader, np.arange(1), small["item_feat"], small["item_raw_id"], small["spec"], maxlen=4,
+                    trained=trained)[0]
+    assert s["seq_item"].tolist() == [0, 0, 0, 0, 5]
+    assert s["seq_feat"][3].tolist() == [2, 4] and s["seq_feat"][4].tolist() == small["item_feat"][5].tolist()
+    assert s["history"].tolist() == [7, 5]  # still filtered out of the results
+
+
+def test_training_item_stats_hold_validation_out(small):
+    """Against counts written out by hand from the fixture's three lines."""
+    count, last_ts = np.load(small["data"].parent / "cache" / "item_count.npy"), \
+        np.load(small["data"].parent / "cache" / "item_last_ts.npy")
+    c, t = training_item_stats(small["reader"], count, last_ts, np.array([2]), "users")  # user 3 validates
+    expect = np.zeros(ITEMNUM + 1, np.int64)
+    np.add.at(expect, [5, 7, 5] + list(range(1, 12)), 1)  # users 1 and 2 whole
+    assert c.tolist() == expect.tolist() and t.tolist() == last_ts.tolist()
+    c, t = training_item_stats(small["reader"], count, last_ts, np.array([0]), "last")
+    # 'last': user 1 without its last click/conversion (the 3rd item), user 2 without its last item (no
+    # click), user 3 without item 9 (its only click) and what follows it
+    expect = np.zeros(ITEMNUM + 1, np.int64)
+    np.add.at(expect, [5, 7] + list(range(1, 11)), 1)
+    ts = np.zeros(ITEMNUM + 1, np.int64)
+    ts[[5, 7]] = [1000, 2000]
+    ts[1:11] = np.maximum(ts[1:11], 100 * np.arange(1, 11))
+    assert c.tolist() == expect.tolist() and t.tolist() == ts.tolist()

@@ -30,7 +30,7 @@ def run_args(root: Path, run: str) -> list[str]:
             "--log-dir", str(out / "logs"), "--tf-dir", str(out / "tf"), "--preset", "small", "--hidden", "32",
             "--num-layers", "1", "--num-heads", "2", "--maxlen", "20", "--batch-size", "16", "--val-users", "50",
             "--num-workers", "0", "--log-every", "1", "--device", "cpu", "--max-steps", "5", "--eval-every", "5",
-            "--max-candidates", "300", "--curriculum", "20000:40:0.5,130000:8:0.25"]
+            "--max-candidates", "300", "--curriculum", "20000:40:0.5,130000:8:0.25", "--id-dropout", "0"]
 
 
 def torchrun(*argv: str) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import evaluate
-from retrieval import rank_metrics
+from metrics import summarise, target_ranks
 
 # four users: a hits at rank 1 (click), b at rank 3 (conversion), c misses (click), d has no result (conversion)
 RESULT = {"top10s": [[11, 12, 13], [21, 22, 23], [31, 32, 33]], "user": ["a", "b", "c"]}
@@ -44,17 +44,27 @@ def test_hand_computed_metrics(tmp_path, capsys):
     assert saved == json.loads(json.dumps(rep))  # metrics.json beside the result holds the same
 
 
-def test_unweighted_equals_rank_metrics():
+def test_metrics_equal_a_direct_computation():
+    """Array and list paths of metrics.target_ranks/summarise against a loop written from the definitions."""
     rng = np.random.default_rng(0)
-    top = rng.integers(1, 30, (200, 10))
+    top = rng.integers(1, 30, (200, 10))  # repeats within a row: the first occurrence counts
     target = rng.integers(1, 30, 200)
     users = [str(j) for j in range(200)]
     result = {u: row.tolist() for u, row in zip(users, top)}
-    # rank_metrics takes the first occurrence of the target too
-    ours = evaluate.evaluate(result, users, target, np.ones(200, np.int64), [5, 10])["all"]
-    ref = rank_metrics(top, target, ks=(5, 10))
-    for key in ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "Score"):
-        assert ours[key] == pytest.approx(ref[key])
+    hr = {k: 0.0 for k in (5, 10)}
+    ndcg = {k: 0.0 for k in (5, 10)}
+    for row, t in zip(top.tolist(), target.tolist()):
+        rank = row.index(t) + 1 if t in row else None
+        for k in (5, 10):
+            if rank is not None and rank <= k:
+                hr[k] += 1 / 200
+                ndcg[k] += 1 / math.log2(rank + 1) / 200
+    by_list = evaluate.evaluate(result, users, target, np.ones(200, np.int64), [5, 10])["all"]
+    by_array = summarise(target_ranks(top, target), (5, 10))
+    for m in (by_list, by_array):
+        for k in (5, 10):
+            assert m[f"HR@{k}"] == pytest.approx(hr[k]) and m[f"NDCG@{k}"] == pytest.approx(ndcg[k])
+        assert m["Score"] == pytest.approx(0.31 * hr[10] + 0.69 * ndcg[10])
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
@@ -72,6 +82,7 @@ def test_popularity_baseline_counts_histories_filters_and_restricts(tmp_path):
     model = tmp_path / "ck"
     model.mkdir()
     np.save(model / "item_raw_id.npy", np.array([0, 501, 502, 503], np.int64))
+    (model / "model.pt").touch()  # a checkpoint folder; the baseline reads only its id table
     ev = tmp_path / "eval"
     ev.mkdir()
     def rec(u, i):
@@ -85,7 +96,7 @@ def test_popularity_baseline_counts_histories_filters_and_restricts(tmp_path):
     cands = [502, 501, 900, 503, 600]
     (ev / "predict_set.jsonl").write_text("".join(json.dumps({"creative_id": c, "retrieval_id": j, "features": {}}) + "\n"
                                                   for j, c in enumerate(cands)))
-    pop = evaluate.popularity_result(model, ev, 3)
+    pop = evaluate.popularity_result(model, ev, 3, None)
     assert pop == {"x": [502, 501, 600], "y": [900, 502, 501], "z": [503, 600]}
     gt = {"x": {"creative_id": 501, "action_type": 1}, "z": {"creative_id": 503, "action_type": 2}}
     (tmp_path / "gt.json").write_text(json.dumps(gt))

@@ -24,7 +24,7 @@ from conftest import ROOT
 from dataset import EvalDataset, SeqReader, collate
 from make_sample_data import generate
 from model import HSTUModel, ModelConfig
-from train import TrainConfig, save_checkpoint
+import train
 
 TINY = ModelConfig(id_dim=8, feat_dim=4, hidden=16, num_layers=1, num_heads=2, maxlen=20, num_time_buckets=8,
                    emb_dropout=0.0, dropout=0.0)
@@ -89,9 +89,18 @@ def test_raw_ids_lookup():
 
 # --------------------------------------------------------------------------- a checkpoint and eval data
 
+def save_tiny(root: Path, mcfg: ModelConfig, stat: dict, model: HSTUModel, item_count=None) -> Path:
+    """train.save of `model` as step 7 into root/ck; item_count: the training counts (default get_stat's)."""
+    cfg = train.TrainConfig(ckpt_dir=str(root / "ck"), cache_dir=str(root / "cache"), data_dir=str(root / "data"))
+    (root / "ck").mkdir(exist_ok=True)
+    counts = np.load(root / "cache" / "item_count.npy") if item_count is None else item_count
+    run = train.RunData(stat, mcfg, None, None, counts, None, None)
+    return train.save(cfg, run, model, torch.optim.AdamW(model.parameters()), 7, {}, None)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    """Sample data (300 users) -> get_stat -> a tiny model saved by train.save_checkpoint."""
+    """Sample data (300 users) -> get_stat -> a tiny model saved by train.save."""
     root = tmp_path_factory.mktemp("infer")
     generate(str(root), users=300, items=400, seed=5, progress=False)
     get_stat.run(root / "data", root / "cache")
@@ -99,9 +108,7 @@ def world(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     model = HSTUModel(TINY, stat["schema"], stat["itemnum"])
     torch.nn.init.normal_(model.item_tower.id_emb.weight)  # as after training: item ids matter
-    cfg = TrainConfig(ckpt_dir=str(root / "ck"), cache_dir=str(root / "cache"))
-    (root / "ck").mkdir()
-    ckpt = save_checkpoint(cfg, TINY, stat, model, torch.optim.AdamW(model.parameters()), 7, {}, None)
+    ckpt = save_tiny(root, TINY, stat, model)
     return dict(root=root, eval=root / "eval", ckpt=ckpt, stat=stat)
 
 
@@ -151,46 +158,81 @@ def test_result_files_order_contents_and_filtering(world, tmp_path):
 
 
 def test_rows_match_a_direct_computation(world, tmp_path):
-    """One user recomputed by hand: full score vector over the predict_set candidates, history masked."""
+    """Every user recomputed by hand: the full score vector over the predict_set candidates (their vectors
+    built here from the file), the history masked by raw id, one topk."""
     run_infer(world, tmp_path / "res", "--topk", "5", "--item-chunk", "33")
     res = json.loads((tmp_path / "res" / "result.json").read_text())
-    model, spec, item_feat, item_raw_id = infer.load_model(world["ckpt"], torch.device("cpu"))
+    model, spec, item_feat, item_raw_id, trained = infer.load_model(world["ckpt"], torch.device("cpu"))
     ev = world["eval"]
     actions = json.loads((ev / "user_action_type.json").read_text())
     reader = SeqReader(ev / "predict_seq.jsonl", ev / "predict_seq_offsets.pkl")
-    ds = EvalDataset(reader, np.arange(len(reader)), item_feat, item_raw_id, spec, TINY.maxlen, target_action=actions)
+    ds = EvalDataset(reader, np.arange(len(reader)), item_feat, item_raw_id, spec, TINY.maxlen, target_action=actions,
+                     trained=trained)
     cset = [json.loads(l) for l in (ev / "predict_set.jsonl").read_text().splitlines()]
-    raw_to_reid = {int(r): j for j, r in enumerate(item_raw_id) if j > 0}
+    counts = np.load(world["ckpt"] / "item_count.npy")
+    raw_to_reid = {int(r): j for j, r in enumerate(item_raw_id) if j > 0 and counts[j] > 0}  # trained items only
     ids = np.array([raw_to_reid.get(c["creative_id"], 0) for c in cset])
     feats = np.stack([item_feat[i] if i else spec.item_features(c["features"]) for i, c in zip(ids, cset)])
+    assert (ids == 0).sum() > len(cset) // 20  # new items and items never in the training data are cold
+    hist = history_raw_ids(ev, item_raw_id)
     with torch.no_grad():
         cand = model.item_vectors(torch.from_numpy(ids), torch.from_numpy(feats.astype(np.int64)))  # (M, D)
-        for j in (0, len(ds) // 2, len(ds) - 1):
-            b = collate([ds[j]])
-            s = (model.user_vectors(b) @ cand.T)[0]  # (M,)
-            hist = set(b["history_raw"][0].tolist())
-            s[[c["creative_id"] in hist for c in cset]] = float("-inf")
-            top = [cset[p]["creative_id"] for p in s.topk(5).indices.tolist()]
-            assert res["user"][j] == b["user_id"][0] and res["top10s"][j] == top
+        users = model.user_vectors(collate([ds[j] for j in range(len(ds))]))  # (U, D)
+    scores = users @ cand.T  # (U, M)
+    assert res["user"] == [str(json.loads(l)[0][0]) for l in (ev / "predict_seq.jsonl").read_text().splitlines()]
+    for j, u in enumerate(res["user"]):
+        s = scores[j].clone()
+        s[[c["creative_id"] in hist[u] for c in cset]] = float("-inf")
+        top = s.topk(5)
+        assert res["top10s"][j] == [cset[p]["creative_id"] for p in top.indices.tolist()], u
+        assert top.values[4] > s.topk(6).values[5] + 1e-6, u  # no tie at the cut: the list is the only answer
 
 
 def test_cold_candidates_and_cold_history_map_to_padding(world):
-    model, spec, item_feat, item_raw_id = infer.load_model(world["ckpt"], torch.device("cpu"))
+    model, spec, item_feat, item_raw_id, trained = infer.load_model(world["ckpt"], torch.device("cpu"))
     folder = world["root"] / "cold"
     folder.mkdir()
-    known = int(item_raw_id[3])
-    lines = [{"creative_id": known, "retrieval_id": 1, "features": {"100": "999999"}},  # training item
+    known = int(np.flatnonzero(trained[1:])[2] + 1)  # a training item
+    unseen = int(np.flatnonzero(~trained[1:])[0] + 1)  # in the indexer, never in the training data
+    lines = [{"creative_id": int(item_raw_id[known]), "retrieval_id": 1, "features": {"100": "999999"}},
              {"creative_id": 91_000_000_001, "retrieval_id": 2, "features": {"100": "cold", "101": 2, "102": [1]}},
-             {"creative_id": 91_000_000_002, "retrieval_id": 3, "features": {"101": 10**9}}]
+             {"creative_id": 91_000_000_002, "retrieval_id": 3, "features": {"101": 10**9}},
+             {"creative_id": int(item_raw_id[unseen]), "retrieval_id": 4, "features": {"101": 3}}]
     (folder / "predict_set.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
-    cids, vecs = infer.load_candidates(model, folder, spec, item_feat, item_raw_id, torch.device("cpu"), 2)
+    cids, vecs = infer.load_candidates(model, folder, spec, item_feat, item_raw_id, trained, torch.device("cpu"), 2)
     fi = spec.item_fids
-    cold1 = np.zeros((1, len(fi)), np.int64)
+    cold1, cold3 = np.zeros((1, len(fi)), np.int64), np.zeros((1, len(fi)), np.int64)
     cold1[0, fi.index("101")] = 2  # the string and the list are padding, the known value stays
-    expect = torch.cat([infer.encode_items(model, np.array([3]), np.asarray(item_feat[[3]], np.int64), torch.device("cpu")),
-                        infer.encode_items(model, np.array([0]), cold1, torch.device("cpu")),
-                        infer.encode_items(model, np.array([0]), np.zeros((1, len(fi)), np.int64), torch.device("cpu"))])
+    cold3[0, fi.index("101")] = 3  # the unseen item: its predict_set features, not its (padding) training row
+
+    def enc(i: int, f: np.ndarray) -> torch.Tensor:
+        return infer.encode_items(model, np.array([i]), f, torch.device("cpu"))
+
+    expect = torch.cat([enc(known, np.asarray(item_feat[[known]], np.int64)), enc(0, cold1),
+                        enc(0, np.zeros((1, len(fi)), np.int64)), enc(0, cold3)])
     assert cids.tolist() == [l["creative_id"] for l in lines] and torch.allclose(vecs, expect, atol=1e-6)
+
+
+def test_integer_user_ids_give_the_same_results_under_raw_ids(world, tmp_path, capsys):
+    """The same sample with predict_seq naming users by re-id (indexer['u'] covers them): identical result.json,
+    whether the indexer comes from --indexer or from the eval folder; an indexer without them is an error."""
+    run_infer(world, tmp_path / "raw")
+    generate(str(tmp_path / "re"), users=300, items=400, seed=5, progress=False, eval_user_ids="reid")
+    ev = tmp_path / "re" / "eval"
+    first = json.loads((ev / "predict_seq.jsonl").read_text().splitlines()[0])[0][0]
+    assert isinstance(first, int) and first > 300
+    run_infer(world, tmp_path / "by_option", "--indexer", str(tmp_path / "re" / "data" / "indexer.pkl"), eval_dir=ev)
+    expect = (tmp_path / "raw" / "result.json").read_text()
+    assert (tmp_path / "by_option" / "result.json").read_text() == expect
+    with pytest.raises(SystemExit):  # the checkpoint's own training indexer has no test users
+        run_infer(world, tmp_path / "bad", eval_dir=ev)
+    assert f"predict_seq.jsonl:1: user re-id {first} is not in" in capsys.readouterr().err
+    shutil.copy(tmp_path / "re" / "data" / "indexer.pkl", ev / "indexer.pkl")
+    info = run_infer(world, tmp_path / "by_folder", eval_dir=ev)
+    assert (tmp_path / "by_folder" / "result.json").read_text() == expect and info["missing_action"] == 0
+    rep = evaluate.main(["--result", str(tmp_path / "by_folder" / "result.json"), "--ground-truth",
+                         str(ev / "ground_truth.json"), "--baseline", "popularity", "--model-dir", str(world["ckpt"])])
+    assert rep["model"]["missing"] == 0 and rep["popularity"]["missing"] == 0
 
 
 def test_missing_action_type_gets_click_and_one_warning(world, tmp_path, capsys):

@@ -260,27 +260,71 @@ def test_train_and_infer_with_multimodal_inputs(sample):
     assert len(res["user"]) == len(res["top10s"]) == 30 and all(len(t) == 10 for t in res["top10s"])
 
 
-def test_eval_samples_get_table_rows_and_cold_vectors(sample):
+def test_cold_candidates_take_their_own_vectors_at_inference(sample):
+    """load_candidates with multimodal inputs: changing one creative_emb vector (a cold candidate's, then a
+    training item's) changes that candidate's vector and no other."""
+    import infer
+    from model import HSTUModel
     cache = sample / "cache"
     raw = np.load(cache / "item_raw_id.npy")
     fids, dims = mm_emb.ensure_tables(sample / "data" / "creative_emb", cache, [81], raw, progress=False)
     mm = mm_emb.MMFeatures(cache, fids, dims)
-    reader = SeqReader(sample / "eval" / "predict_seq.jsonl", sample / "eval" / "predict_seq_offsets.pkl")
+    stat = load_stat(cache)
+    torch.manual_seed(0)
+    cfg = ModelConfig(id_dim=4, feat_dim=4, hidden=8, num_layers=1, num_heads=2, maxlen=10, emb_dropout=0.0,
+                      dropout=0.0, mm_dims=dims, mm_fids=fids)
+    model = HSTUModel(cfg, stat["schema"], stat["itemnum"]).eval()
+    spec, item_feat = FeatureSpec.from_stat(stat), np.load(cache / "item_feat.npy")
+    trained = np.load(cache / "item_count.npy") > 0
+
+    def candidates() -> tuple[np.ndarray, torch.Tensor]:
+        mm._pid = None  # reopen the tables, as a fresh process would
+        return infer.load_candidates(model, sample / "eval", spec, item_feat, raw, trained, torch.device("cpu"), 64, mm)
+
+    cids, before = candidates()
+    index = np.load(cache / "emb_cold_81_32.npy")  # (U, 2) raw id, row of the cold table
+    cold = next(j for j, c in enumerate(cids) if c not in set(raw.tolist()) and c in set(index[:, 0].tolist()))
+    row = int(index[index[:, 0] == cids[cold], 1][0])
+    table = np.memmap(cache / "emb_cold_81_32.mmap", dtype=np.float32, mode="r+").reshape(-1, 32)
+    table[row] += 1.0
+    table.flush()
+    _, after = candidates()
+    changed = ((after - before).abs().amax(1) > 1e-6).nonzero().flatten().tolist()
+    assert changed == [cold]
+    warm = next(j for j, c in enumerate(cids) if c in set(raw.tolist()) and trained[raw.tolist().index(c)]
+                and mm_emb.open_tables(cache, fids)[0][raw.tolist().index(c)].any())
+    main = np.memmap(cache / "emb_table_81_32.mmap", dtype=np.float32, mode="r+").reshape(-1, 32)
+    main[raw.tolist().index(cids[warm])] += 1.0
+    main.flush()
+    _, again = candidates()
+    assert ((again - after).abs().amax(1) > 1e-6).nonzero().flatten().tolist() == [warm]
+
+
+def test_eval_rows_align_with_a_history_longer_than_maxlen(sample):
+    """WithMM over EvalDataset with maxlen 3: the rows of the last 3 history items, computed here from the
+    predict_seq line itself (json), the re-id table and the cold table, without dataset.py's alignment."""
+    cache = sample / "cache"
+    raw = np.load(cache / "item_raw_id.npy")
+    fids, dims = mm_emb.ensure_tables(sample / "data" / "creative_emb", cache, [81], raw, progress=False)
+    mm = mm_emb.MMFeatures(cache, fids, dims)
+    path = sample / "eval" / "predict_seq.jsonl"
+    reader = SeqReader(path, sample / "eval" / "predict_seq_offsets.pkl")
     spec = FeatureSpec.from_stat(load_stat(cache))
     ds = mm_emb.WithMM(EvalDataset(reader, np.arange(len(reader)), np.load(cache / "item_feat.npy"), raw, spec,
-                                   maxlen=100), mm)
-    table = mm_emb.open_tables(cache, fids)[0]
-    cold_with_vector = 0
-    for k in range(len(ds)):
-        s = ds[k]
-        pos = np.flatnonzero(s["seq_type"] == 1)
-        hist_raw = s["history_raw"][len(s["history_raw"]) - len(pos):]
-        for p, r in zip(pos, hist_raw):
-            if s["seq_item"][p]:
-                assert np.array_equal(s["seq_mm"][p], table[s["seq_item"][p]])
-            else:  # unseen in training: its own vector by raw id (zero if the source has none)
-                v, found = mm_emb.cold_vectors(cache, "81", 32, np.array([r]))
-                assert np.array_equal(s["seq_mm"][p], v[0])
-                cold_with_vector += int(found[0])
-        assert not s["seq_mm"][s["seq_type"] != 1].any()  # padding and the user token carry nothing
-    assert cold_with_vector > 0
+                                   maxlen=3), mm)
+    table = np.fromfile(cache / "emb_table_81_32.mmap", dtype=np.float32).reshape(-1, 32)
+    index = np.load(cache / "emb_cold_81_32.npy")
+    cold_rows = np.fromfile(cache / "emb_cold_81_32.mmap", dtype=np.float32).reshape(-1, 32)
+    long_users = cold_seen = 0
+    for k, line in enumerate(path.read_text().splitlines()):
+        items = [r[1] for r in json.loads(line) if r[1] is not None]
+        long_users += len(items) > 3
+        expect = np.zeros((4, 32), np.float32)  # N = 4: padding, then the user token, then items
+        for p, item in zip(range(4 - len(items[-3:]), 4), items[-3:]):
+            if item < len(raw):
+                expect[p] = table[item]
+            elif item in index[:, 0]:
+                expect[p] = cold_rows[index[index[:, 0] == item, 1][0]]
+                cold_seen += 1
+        assert np.array_equal(ds[k]["seq_mm"], expect), k
+    assert long_users > 10 and cold_seen > 0

@@ -1,15 +1,20 @@
 """Training loop: schedule, exact resume, checkpoints, learning beyond popularity on sample data."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import get_stat
 import train
+from dataset import collate
+from model import HSTUModel
 from conftest import ROOT
 from make_sample_data import generate
 
@@ -41,7 +46,7 @@ def test_lr_schedule_warmup_cosine_floor():
 
 
 def _final_state(ckpt_dir: Path, step: int) -> dict:
-    return torch.load(ckpt_dir / f"global_step{step}" / "ckpt.pt", weights_only=True)
+    return checkpoint.load_checkpoint(ckpt_dir / f"global_step{step}" / "ckpt.pt")
 
 
 def test_resume_equals_uninterrupted(sample):
@@ -65,16 +70,52 @@ def test_resume_equals_uninterrupted(sample):
     assert strip(log_a) == strip(log_b) and len(log_a) == 8
 
 
-def test_checkpoint_contents_and_pruning(sample):
+def test_checkpoint_contents_and_pruning_keep_the_best(sample, monkeypatch):
+    real, scores = train.validate, iter([0.1, 0.5, 0.2, 0.3, 0.1, 0.4])  # at steps 1..6: the best is step 2
+    monkeypatch.setattr(train, "validate", lambda *a, **k: {**real(*a, **k), "Score": next(scores)})
     train.main(args(sample, "c", "--max-steps", "6", "--eval-every", "1", "--keep-last", "2"))
     ck = sample / "c" / "ck"
-    kept = sorted(p.name for p in ck.iterdir())
-    assert len(kept) <= 3 and "global_step6" in kept and "global_step5" in kept  # last two + the best
+    assert sorted(p.name for p in ck.iterdir()) == ["best.json", "global_step2", "global_step5", "global_step6"]
+    assert json.loads((ck / "best.json").read_text())["dir"] == "global_step2"
+    assert checkpoint.resolve_model_dir(ck) == ck / "global_step2"  # ./infer.sh checkpoints takes the best
     model = torch.load(ck / "global_step6" / "model.pt", weights_only=True)
     assert model["model_config"]["hidden"] == 32 and model["stat"]["itemnum"] == 300
-    for name in ("ckpt.pt", "item_feat.npy", "item_raw_id.npy", "config.json"):
+    state = torch.load(ck / "global_step6" / "ckpt.pt", weights_only=True)
+    assert "model" not in state and state["optimizer"]["state"]  # the weights are written once, in model.pt
+    for name in ("item_feat.npy", "item_raw_id.npy", "item_count.npy", "config.json"):
         assert (ck / "global_step6" / name).exists()
     assert not list(ck.glob(".global_step*"))  # no temporary folders left
+
+
+def test_a_new_run_never_mixes_with_an_earlier_runs_checkpoints(sample, capsys):
+    run = args(sample, "twice", "--max-steps", "2")
+    train.main(run)
+    before = {p: p.stat().st_mtime_ns for p in (sample / "twice" / "ck").rglob("*")}
+    with pytest.raises(SystemExit) as e:
+        train.main(run)
+    assert e.value.code == 2 and "already holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (sample / "twice" / "ck").rglob("*")} == before
+
+
+def test_resaving_a_step_replaces_it_only_once_the_new_one_is_complete(sample, monkeypatch):
+    train.main(args(sample, "resave", "--max-steps", "2", "--eval-every", "1"))
+    ck = sample / "resave" / "ck"
+    old = (ck / "global_step2" / "model.pt").read_bytes()
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt  # killed while writing the new folder's contents
+    monkeypatch.setattr(checkpoint.np, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(ck, 2, {}, {}, {}, sample / "cache", {}, np.zeros(3))
+    assert (ck / "global_step2" / "model.pt").read_bytes() == old and not list(ck.glob(".global_step*"))
+    monkeypatch.undo()
+    # killed between renaming the old folder aside and the new one in: recover() brings the old one back
+    (ck / "global_step2").rename(ck / ".global_step2.replaced")
+    assert checkpoint.find_checkpoint("latest", str(ck)) == ck / ".global_step2.replaced" / "ckpt.pt"
+    checkpoint.recover(ck)
+    assert (ck / "global_step2" / "model.pt").read_bytes() == old
+    checkpoint.save_checkpoint(ck, 2, {"step": 2}, {}, {}, sample / "cache", {}, np.zeros(3))
+    assert (ck / "global_step2" / "model.pt").read_bytes() != old and not list(ck.glob(".global_step*"))
 
 
 def test_learns_beyond_popularity(tmp_path):
@@ -171,3 +212,57 @@ torch.save({{"train_config": Evil()}}, {str(evil)!r})
         r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
         assert r.returncode == 2 and "refused: rebuilding it would run code" in r.stderr, r.stderr[-1500:]
         assert "Traceback" not in r.stderr and not marker.exists()
+
+
+def test_validation_and_popularity_equal_a_brute_force_ranking(sample):
+    """validate (items streamed in chunks of 7) and the popularity baseline, at k = 50, against the full (users x items)
+    score matrix of a tiny model, targets and histories read here from seq.jsonl with json."""
+    cfg, _ = train.parse_config(args(sample, "bf", "--val-users", "40"))
+    cfg, mcfg = train.resolve(cfg, torch.device("cpu"))
+    run = train.load_data(cfg, mcfg)
+    torch.manual_seed(1)
+    model = HSTUModel(run.mcfg, run.stat["schema"], run.stat["itemnum"]).eval()
+    torch.nn.init.normal_(model.item_tower.id_emb.weight)  # ids matter, as after training
+    trained = run.item_count > 0
+    loader = torch.utils.data.DataLoader(run.val_ds, batch_size=16, collate_fn=collate)
+    got = train.validate(model, loader, run.item_feat, trained, torch.device("cpu"), False, item_chunk=7, k=50)
+    pop = train.popularity_baseline(run.val_ds, run.item_count, k=50)
+
+    lines = (sample / "data" / "seq.jsonl").read_text().splitlines()
+    n = run.stat["itemnum"]
+    ids = torch.arange(1, n + 1)
+    with torch.no_grad():
+        items = model.item_vectors(torch.where(torch.from_numpy(trained[1:]), ids, 0),
+                                   torch.from_numpy(np.asarray(run.item_feat[1:], np.int64)))  # (n, D)
+        users = model.user_vectors(collate([run.val_ds[j] for j in range(len(run.val_ds))]))  # (U, D)
+    scores = users @ items.T  # (U, n): column c is item c + 1
+    counts = run.item_count[1:].astype(np.float64)
+    by_hand = np.zeros(n + 1, np.int64)  # events of the training users only: no validation event in log-q or the pool
+    for line in run.train_ds.lines:
+        np.add.at(by_hand, [r[1] for r in json.loads(lines[line]) if r[1] is not None], 1)
+    assert run.item_count.tolist() == by_hand.tolist()
+    hits, ndcg, phits, pndcg, validated = 0.0, 0.0, 0.0, 0.0, 0
+    for j, line in enumerate(run.val_ds.lines):
+        recs = [r for r in json.loads(lines[line]) if r[1] is not None]
+        clicks = [k for k, r in enumerate(recs) if r[4] > 0]
+        if not clicks:
+            continue  # no click or conversion: not validated
+        validated += 1
+        target, seen = recs[clicks[-1]][1], {r[1] for r in recs[:clicks[-1]]}
+        if target in seen:
+            continue  # filtered out with the history: a miss for both
+        s = scores[j].clone()
+        s[[i - 1 for i in seen]] = float("-inf")
+        rank = int((s > s[target - 1]).sum()) + 1
+        pop_order = [i for i in (np.argsort(-counts, kind="stable") + 1).tolist() if i not in seen]
+        prank = pop_order.index(target) + 1
+        for r, acc in ((rank, "model"), (prank, "pop")):
+            if r <= 50:
+                if acc == "model":
+                    hits, ndcg = hits + 1, ndcg + 1 / np.log2(r + 1)
+                else:
+                    phits, pndcg = phits + 1, pndcg + 1 / np.log2(r + 1)
+    assert got["users"] == pop["users"] == validated > 20
+    assert got["HR@50"] == pytest.approx(hits / validated) and got["NDCG@50"] == pytest.approx(ndcg / validated)
+    assert pop["HR@50"] == pytest.approx(phits / validated) and pop["NDCG@50"] == pytest.approx(pndcg / validated)
+    assert got["HR@50"] >= 0.05 and pop["HR@50"] >= 0.05  # both find targets: the comparison is not of zeros
