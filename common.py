@@ -90,7 +90,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     import torch  # here, not at the top: preprocessing never needs torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: every rank of a resumed run maps the one file instead of reading its own copy into memory
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         why = " ".join(str(e).split())
         if "weights only load failed" in why.lower():

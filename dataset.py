@@ -228,6 +228,7 @@ class TrainDataset(Dataset):
             out["seq_ts"][s:] = np.concatenate([ts[:1], ts[:-1]])
             out["next_item"][s:] = ids
             out["next_action"][s:] = act
+            out["next_ts"][s:] = ts
             rng = np.random.default_rng([self.seed, epoch, line])
             user_items = np.fromiter((r[1] for r in items), np.int64, len(items))
             out["neg_item"][s:] = self.pool.sample(rng, L, user_items)
@@ -240,7 +241,7 @@ class TrainDataset(Dataset):
 
 def _empty_sequence(N: int, spec: FeatureSpec, profile: dict | None) -> dict[str, np.ndarray]:
     out = {k: np.zeros(N, np.int64) for k in
-           ("seq_item", "seq_type", "seq_action", "seq_ts", "next_item", "next_action", "neg_item")}
+           ("seq_item", "seq_type", "seq_action", "seq_ts", "next_item", "next_action", "next_ts", "neg_item")}
     out["user_sparse"], out["user_array"] = spec.user_features(profile)
     return out
 
@@ -302,7 +303,9 @@ class EvalDataset(Dataset):
             out["seq_action"][p] = r[4] + 1
             out["seq_ts"][p] = r[5]
             out["next_action"][p - 1] = r[4] + 1
+            out["next_ts"][p - 1] = r[5]
         out["seq_ts"][s] = hist[0][5] if hist else (records[-1][5] if records else 0)
+        out["next_ts"][N - 1] = out["seq_ts"][N - 1]  # the time of the item to predict is unknown: the last one's
         out["next_action"][N - 1] = cond
         out["seq_feat"] = feat
         out.update(user_id=user, target=target, history=np.array(known, np.int64),

@@ -30,6 +30,14 @@ class ModelConfig:
     num_time_buckets: int = 64  # log buckets of |dt| for the attention bias
     max_dt_days: float = 30.0  # |dt| >= this falls into the last bucket
     rel_pos_bias: bool = True  # also a learned attention bias per head per distance i - j
+    # HSTU attention: "n" divides by the constant N, "valid" by the number of keys query i sees (its valid
+    # tokens up to i); the time bias rab(|t_q - t_j|) takes t_q = the query token's own time ("input") or the
+    # time of the item it predicts ("target", as the HSTU paper; the last position, whose item is unknown at
+    # inference, keeps its own time)
+    attn_norm: str = "n"
+    rab_time: str = "input"
+    id_init_std: float = 0.0  # item-id embedding init (0: zeros, so an untrained id adds nothing)
+    item_feats: bool = True  # False: the item tower sees ids (and dense inputs) only
     # 111 has one value per item: an id in disguise that would bypass the feature-only path of cold items
     exclude_item_feats: tuple[str, ...] = ("111",)
     id_dropout: float = 0.1  # training only: share of item tokens and candidates encoded without their id
@@ -50,6 +58,9 @@ class ModelConfig:
             raise ValueError(f"model must be 'hstu' or 'sasrec', got {self.model!r}")
         if self.num_time_buckets < 2:
             raise ValueError("num_time_buckets must be >= 2")
+        if self.attn_norm not in ("n", "valid") or self.rab_time not in ("input", "target"):
+            raise ValueError(f"attn_norm must be 'n' or 'valid', rab_time 'input' or 'target' "
+                             f"(got {self.attn_norm!r}, {self.rab_time!r})")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
 
@@ -75,11 +86,13 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def time_buckets(ts: Tensor, num_buckets: int, max_dt: float) -> Tensor:
-    """(B, N) unix seconds -> (B, N, N) long: floor(log(|t_i - t_j| + 1) / log(base)) clamped to
-    [0, num_buckets - 1], with base = (max_dt + 1) ** (1 / (num_buckets - 1)) so |dt| = max_dt
-    starts the last bucket. float64 so the bucket edges are exact enough to match a scalar loop."""
-    dt = (ts[:, :, None] - ts[:, None, :]).abs().double()  # int64 difference is exact
+def time_buckets(ts: Tensor, num_buckets: int, max_dt: float, query_ts: Tensor | None = None) -> Tensor:
+    """(B, N) unix seconds of the keys (and of the queries, `query_ts`, default the same) -> (B, N, N) long:
+    floor(log(|q_i - t_j| + 1) / log(base)) clamped to [0, num_buckets - 1], with base = (max_dt + 1) **
+    (1 / (num_buckets - 1)) so |dt| = max_dt starts the last bucket. float64 so the bucket edges are exact
+    enough to match a scalar loop."""
+    q = ts if query_ts is None else query_ts
+    dt = (q[:, :, None] - ts[:, None, :]).abs().double()  # int64 difference is exact
     b = torch.floor(torch.log1p(dt) * ((num_buckets - 1) / math.log1p(max_dt)))
     return b.clamp_(0, num_buckets - 1).long()
 
@@ -99,22 +112,25 @@ class ItemTower(nn.Module):
     def __init__(self, cfg: ModelConfig, schema: Schema, itemnum: int) -> None:
         super().__init__()
         fids = sorted(schema.get("item_sparse", {}), key=int)  # column order of seq_feat / next_feat / neg_feat
-        kept = [c for c, f in enumerate(fids) if f not in cfg.exclude_item_feats]
+        kept = [c for c, f in enumerate(fids) if f not in cfg.exclude_item_feats and cfg.item_feats]
         # array features (e.g. genres) follow the sparse columns, item_array_len[fid] slots each, mean-pooled
         arrays, lens = schema.get("item_array", {}), schema.get("item_array_len", {})
-        self.array_fids = sorted(arrays, key=int)
-        self.array_slices, c = [], len(fids)
-        for f in self.array_fids:
-            self.array_slices.append((c, c + int(lens[f])))
+        self.array_fids, self.array_slices, c = [], [], len(fids)
+        for f in sorted(arrays, key=int):
+            if cfg.item_feats:
+                self.array_fids.append(f)
+                self.array_slices.append((c, c + int(lens[f])))
             c += int(lens[f])
         self.num_cols = c
         self.feat_fids = [fids[c] for c in kept]
         # the model drops excluded columns itself, so data files keep every column
         self.register_buffer("feat_cols", torch.tensor(kept, dtype=torch.long), persistent=False)
         self.id_emb = nn.Embedding(itemnum + 1, cfg.id_dim, padding_idx=0)
-        # zero init: an item never trained on (no events, or cold at inference with id 0) is placed by its
-        # features alone instead of by a random vector that could outscore every trained item
-        nn.init.zeros_(self.id_emb.weight)
+        # zero init by default: an id adds only what training taught it. Items never trained on are encoded
+        # with id 0 (the padding row, always zero) at validation and inference, whatever the init
+        with torch.no_grad():
+            self.id_emb.weight.normal_(0.0, cfg.id_init_std) if cfg.id_init_std > 0 else self.id_emb.weight.zero_()
+            self.id_emb.weight[0].zero_()
         self.feat_emb = nn.ModuleList(
             nn.Embedding(schema["item_sparse"][f], cfg.feat_dim, padding_idx=0) for f in self.feat_fids)
         self.array_emb = nn.ModuleList(nn.Embedding(arrays[f], cfg.feat_dim, padding_idx=0) for f in self.array_fids)
@@ -126,14 +142,18 @@ class ItemTower(nn.Module):
         self.id_dropout = cfg.id_dropout
         self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
 
-    def forward(self, item_ids: Tensor, item_feats: Tensor, mm: list[Tensor] | Tensor | None = None) -> Tensor:
+    def forward(self, item_ids: Tensor, item_feats: Tensor, mm: list[Tensor] | Tensor | None = None,
+                id_rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
         # item_ids (...), item_feats (..., Fi), mm[k] (..., mm_dims[k]) or one (..., sum(mm_dims)) -> (..., D)
+        # id_rows: (sorted ids (L,), their embedding rows (L, id_dim)) of --id-update rowwise, read instead of
+        # the table, so that the gradient lands on the step's rows only
         if item_feats.shape[-1] != self.num_cols:
             raise ValueError(f"item_feats has {item_feats.shape[-1]} columns, schema has {self.num_cols}")
         feats = item_feats.index_select(-1, self.feat_cols)  # (..., F_kept)
         if self.training and self.id_dropout > 0:
             item_ids = item_ids.masked_fill(torch.rand(item_ids.shape, device=item_ids.device) < self.id_dropout, 0)
-        parts = [self.id_emb(item_ids)] + [emb(feats[..., c]) for c, emb in enumerate(self.feat_emb)]
+        ids = self.id_emb(item_ids) if id_rows is None else F.embedding(torch.searchsorted(id_rows[0], item_ids), id_rows[1])
+        parts = [ids] + [emb(feats[..., c]) for c, emb in enumerate(self.feat_emb)]
         for (a, b), emb in zip(self.array_slices, self.array_emb):
             ids = item_feats[..., a:b]  # (..., A), right-padded with 0
             n = (ids > 0).sum(-1, keepdim=True).clamp(min=1)
@@ -205,15 +225,16 @@ class HSTULayer(nn.Module):
     """Pointwise-attention HSTU block: U,V,Q,K = split(SiLU(Linear(LN(x)))),
     A = SiLU(QK^T/sqrt(dh) + rab) * mask / n, y = x + dropout(Linear(LN(A V) * U)).
 
-    n is the constant maxlen + 1 (as in HSTU), not the batch width or the valid count: the
-    attention stays unnormalised (engagement intensity survives) and outputs do not depend on
-    how much left padding a batch has."""
+    n is the constant maxlen + 1 (attn_norm "n", as in HSTU: the attention stays unnormalised, so
+    engagement intensity survives) or each query's number of valid keys (attn_norm "valid": a mean over
+    what it sees). Neither depends on how much left padding a batch has."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, h = cfg.hidden, cfg.num_heads
         self.num_heads, self.head_dim = h, d // h
         self.n_norm = float(cfg.num_positions)
+        self.norm_by_valid = cfg.attn_norm == "valid"
         self.num_buckets, self.max_dt = cfg.num_time_buckets, cfg.max_dt_days * 86400.0
         self.norm_in = nn.LayerNorm(d)
         self.uvqk = nn.Linear(d, 4 * d)
@@ -239,19 +260,27 @@ class HSTULayer(nn.Module):
             bias = bias + self.pos_bias(rel)
         return bias.permute(0, 3, 1, 2)
 
+    def divisor(self, mask: Tensor) -> Tensor | float:
+        # mask (B, N) -> (B, 1, N, 1) keys each query sees (at least 1), or the constant N
+        if not self.norm_by_valid:
+            return self.n_norm
+        return mask.cumsum(1).clamp(min=1)[:, None, :, None].to(torch.float32)
+
     def forward(self, x: Tensor, mask: Tensor, ts: Tensor, buckets: Tensor | None = None) -> Tensor:
         # x (B, N, D), mask (B, N) bool valid tokens, ts (B, N) -> (B, N, D)
         b, n, d = x.shape
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # (B, N, D) each
         q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         s = q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + self.rab(ts, buckets).to(q.dtype)  # (B, H, N, N)
-        a = torch.where(causal_key_mask(mask), F.silu(s), 0.0) / self.n_norm
+        a = torch.where(causal_key_mask(mask), F.silu(s), 0.0) / self.divisor(mask)
         o = (a @ v).transpose(1, 2).reshape(b, n, d)  # (B, N, D)
         return x + self.drop(self.out(self.norm_attn(o) * u))
 
 
-def hstu_layer_reference(layer: HSTULayer, x: Tensor, mask: Tensor, ts: Tensor) -> Tensor:
-    """HSTULayer.forward written loop by loop over batch, heads, i, j (slow; a test oracle only)."""
+def hstu_layer_reference(layer: HSTULayer, x: Tensor, mask: Tensor, ts: Tensor, query_ts: Tensor | None = None) -> Tensor:
+    """HSTULayer.forward written loop by loop over batch, heads, i, j (slow; a test oracle only); query_ts: the
+    queries' times for the time bias (default ts), as the model passes them with rab_time "target"."""
+    query_ts = ts if query_ts is None else query_ts
     b, n, d = x.shape
     h, dh = layer.num_heads, layer.head_dim
     u, v, q, k = F.silu(layer.uvqk(layer.norm_in(x))).chunk(4, dim=-1)  # per-token ops, (B, N, D)
@@ -260,19 +289,21 @@ def hstu_layer_reference(layer: HSTULayer, x: Tensor, mask: Tensor, ts: Tensor) 
     for bi in range(b):
         for i in range(n):
             heads = []
+            seen = sum(bool(mask[bi, j]) for j in range(i + 1))
+            n_norm = max(seen, 1) if layer.norm_by_valid else layer.n_norm
             for hi in range(h):
                 sl = slice(hi * dh, (hi + 1) * dh)
                 acc = torch.zeros(dh, dtype=x.dtype)
                 for j in range(i + 1):  # causal: keys j <= i
                     if not bool(mask[bi, j]):
                         continue
-                    dt = abs(int(ts[bi, i]) - int(ts[bi, j]))
+                    dt = abs(int(query_ts[bi, i]) - int(ts[bi, j]))
                     bucket = min(max(int(math.floor(math.log1p(dt) * scale)), 0), layer.num_buckets - 1)
                     bias = layer.ts_bias.weight[bucket, hi]
                     if layer.pos_bias is not None:
                         bias = bias + layer.pos_bias.weight[min(i - j, layer.pos_bias.num_embeddings - 1), hi]
                     score = (q[bi, i, sl] * k[bi, j, sl]).sum() / math.sqrt(dh) + bias
-                    acc = acc + F.silu(score) / layer.n_norm * v[bi, j, sl]
+                    acc = acc + F.silu(score) / n_norm * v[bi, j, sl]
                 heads.append(acc)
             rows.append(torch.cat(heads))
     o = torch.stack(rows).reshape(b, n, d)
@@ -333,7 +364,7 @@ class HSTUModel(nn.Module):
         if n > self.cfg.num_positions:
             raise ValueError(f"batch has {n} positions, the model at most {self.cfg.num_positions}")
         valid = seq_type > 0  # (B, n)
-        x = self.item_tower(batch["seq_item"], batch["seq_feat"], batch.get("seq_mm"))  # (B, n, D)
+        x = self.item_tower(batch["seq_item"], batch["seq_feat"], batch.get("seq_mm"), batch.get("id_rows"))  # (B, n, D)
         user_tok, gamma, beta = self.user_tower(batch["user_sparse"], batch["user_array"])  # (B, D) each
         x = torch.where((seq_type == 2)[..., None], user_tok[:, None].to(x.dtype), x)
         x = x * (1 + torch.tanh(gamma[:, None])) + beta[:, None]  # FiLM on every token
@@ -343,23 +374,25 @@ class HSTUModel(nn.Module):
         x = x * valid[..., None]  # padding carries nothing (it is also masked as a key)
         buckets = None
         if self.cfg.model == "hstu":  # shared by every layer
-            buckets = time_buckets(ts, self.cfg.num_time_buckets, self.cfg.max_dt_days * 86400.0)
+            query_ts = batch["next_ts"] if self.cfg.rab_time == "target" else None
+            buckets = time_buckets(ts, self.cfg.num_time_buckets, self.cfg.max_dt_days * 86400.0, query_ts)
         for layer in self.layers:
             x = layer(x, valid, ts, buckets)
         return F.normalize(self.final_norm(x), dim=-1)
 
-    def item_vectors(self, item_ids: Tensor, item_feats: Tensor, mm: list[Tensor] | None = None) -> Tensor:
+    def item_vectors(self, item_ids: Tensor, item_feats: Tensor, mm: list[Tensor] | None = None,
+                     id_rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
         # (...), (..., Fi) -> (..., D) L2-normalised candidate vectors (same tower as the input tokens)
-        return F.normalize(self.item_tower(item_ids, item_feats, mm), dim=-1)
+        return F.normalize(self.item_tower(item_ids, item_feats, mm, id_rows), dim=-1)
 
     def user_vectors(self, batch: dict[str, Tensor]) -> Tensor:
         # (B, D): the output at the last position, whose next_action holds the target condition
         return self(batch)[:, -1]
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: nn.Embedding weights at lr/2 without decay (sparse rows would be shrunk by decay
-    on every step while rarely receiving gradient); biases and norm weights without decay; the rest decays."""
+def param_groups(model: nn.Module, lr: float, weight_decay: float, emb_lr_scale: float = 0.5) -> list[dict]:
+    """AdamW groups: nn.Embedding weights at lr * emb_lr_scale without decay (sparse rows would be shrunk by
+    decay on every step while rarely receiving gradient); biases and norm weights without decay; the rest decays."""
     norms = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d)
     emb, no_decay, decay, seen = [], [], [], set()
     for mod in model.modules():
@@ -373,7 +406,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
                 no_decay.append(p)
             else:
                 decay.append(p)
-    groups = [dict(params=emb, lr=lr / 2, weight_decay=0.0, name="embedding"),
+    groups = [dict(params=emb, lr=lr * emb_lr_scale, weight_decay=0.0, name="embedding"),
               dict(params=no_decay, lr=lr, weight_decay=0.0, name="no_decay"),
               dict(params=decay, lr=lr, weight_decay=weight_decay, name="decay")]
     return [g for g in groups if g["params"]]

@@ -27,6 +27,7 @@ from common import DataError, HelpFormatter, env_default, exit_on_data_error, lo
 from dataset import (ActivePool, EpochSampler, EvalDataset, FeatureSpec, RankBatches, SeqReader, TrainDataset, collate,
                      split_users, training_item_stats)
 from distributed import Dist, all_true, barrier, cleanup, gather_rows, mean_over_ranks, row_counts, setup
+from id_update import RowWiseAdamW, step_rows
 from loss import DEFAULT_CURRICULUM, candidate_columns, curriculum, log_q_from_counts, sampled_softmax_loss
 from metrics import popularity_topk, summarise, target_ranks
 from mm_emb import MMFeatures, emb_dir_of, ensure_tables, with_mm
@@ -60,6 +61,16 @@ class TrainConfig:
     id_dropout: float = opt(None, "share of item tokens and candidates whose id embedding is dropped in training, so "
                             "the feature-only path that items never trained on take is trained too (default: the "
                             "preset's)")
+    emb_dropout: float = opt(None, "dropout on the item and user towers' concatenated inputs (the embeddings; "
+                             "--dropout does not reach them) (default: the preset's)")
+    attn_norm: str = opt(None, "HSTU attention divided by the constant N ('n') or by the keys each query sees "
+                         "('valid') (default: the preset's)", choices=["n", "valid"])
+    rab_time: str = opt(None, "HSTU time bias from the query token's own time ('input') or the time of the item "
+                        "it predicts ('target', the HSTU paper's) (default: the preset's)", choices=["input", "target"])
+    num_time_buckets: int = opt(None, "log buckets of |dt| for the HSTU time bias (default: the preset's)")
+    id_init_std: float = opt(None, "std of the item-id embedding's initialisation, 0 = zeros (default: the preset's)")
+    item_feats: bool = opt(None, "item features in the item tower (--no-item-feats: ids and dense inputs only) "
+                           "(default: the preset's)")
     exclude_item_feats: tuple[str, ...] = opt(None, "item sparse feature ids the item tower leaves out (111 has one "
                                               "value per item: an id in disguise) (default: the preset's)",
                                               nargs="*", type=str)
@@ -72,6 +83,13 @@ class TrainConfig:
     batch_size: int = opt(None, "sequences per step (default: 232 for reference, 64 for small)")
     lr: float = opt(None, "peak learning rate, embeddings get half (default: 1e-3 for reference, 2e-3 for small)")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on embeddings, biases, norms)")
+    emb_lr_scale: float = opt(0.5, "learning rate of the embedding tables as a fraction of --lr")
+    id_update: str = opt("dense", "item-id table update: 'dense' (its gradient and AdamW over every row, each step) "
+                         "or 'rowwise' (only the rows a step looks up: lazy AdamW, no catalogue-sized gradient or "
+                         "all-reduce; for catalogues of millions of items, see bench/embedding_grad_results.md)",
+                         choices=["dense", "rowwise"])
+    schedule: str = opt("cosine", "after warm-up: 'cosine' to --min-lr-ratio x lr at max-steps, or 'constant'",
+                        choices=["cosine", "constant"])
     warmup_steps: int = opt(None, "linear warm-up steps (default: 2%% of max-steps)")
     min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of --lr; held after max-steps")
     grad_clip: float = opt(1.0, "gradient-norm clipping")
@@ -118,7 +136,8 @@ RESUME_OVERRIDES = {"data_dir", "cache_dir", "ckpt_dir", "log_dir", "tf_dir", "m
 TRAIN_PRESETS = {"reference": dict(max_steps=130_000, batch_size=232, lr=1e-3, temperature=0.01,
                                    curriculum=DEFAULT_CURRICULUM),
                  "small": dict(max_steps=500, batch_size=64, lr=2e-3, temperature=0.1, curriculum="none")}
-MODEL_OPTIONS = ("model", "hidden", "num_layers", "num_heads", "maxlen", "dropout", "id_dropout", "exclude_item_feats")
+MODEL_OPTIONS = ("model", "hidden", "num_layers", "num_heads", "maxlen", "dropout", "id_dropout", "emb_dropout",
+                 "attn_norm", "rab_time", "num_time_buckets", "id_init_std", "item_feats", "exclude_item_feats")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,9 +206,11 @@ def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, ModelC
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, cosine to min_lr_ratio·lr at max_steps, then held at that floor."""
+    """Linear warm-up, then constant or cosine to min_lr_ratio·lr at max_steps, then held at that floor."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
     t = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
@@ -214,8 +235,9 @@ def train_loss(model: HSTUModel | DistributedDataParallel, batch: dict, log_q: t
     row_seq = torch.arange(b, device=out.device)[:, None].expand(b, n)[target]  # (R,)
     pos_ids, neg_ids = batch["next_item"][target], batch["neg_item"][target]  # (R,)
     mm = {k: batch[k][target] if k in batch else None for k in ("next_mm", "neg_mm")}  # (R, sum of mm dims)
-    pos = core.item_vectors(pos_ids, batch["next_feat"][target], mm["next_mm"])  # (R, D)
-    neg = core.item_vectors(neg_ids, batch["neg_feat"][target], mm["neg_mm"])  # (R, D)
+    id_rows = batch.get("id_rows")  # --id-update rowwise
+    pos = core.item_vectors(pos_ids, batch["next_feat"][target], mm["next_mm"], id_rows)  # (R, D)
+    neg = core.item_vectors(neg_ids, batch["neg_feat"][target], mm["neg_mm"], id_rows)  # (R, D)
     hard_k, share = hard_negatives(step, cfg)
     sizes = row_counts(pos_ids.numel(), out.device, d)  # (W,) target rows of every rank
     row_seq = row_seq + d.rank * b  # sequence numbers unique across ranks
@@ -350,34 +372,50 @@ def train_loader(cfg: TrainConfig, run: RunData, step: int, d: Dist, device: tor
                       generator=torch.Generator())
 
 
-def build_model(cfg: TrainConfig, run: RunData, device: torch.device) -> tuple[HSTUModel, torch.optim.Optimizer]:
+@dataclass
+class Optimizers:
+    """AdamW over the parameters; with --id-update rowwise the id table is left out of it (no dense gradient)
+    and updated by `id_rows` instead."""
+    adamw: torch.optim.AdamW
+    id_rows: RowWiseAdamW | None = None
+
+
+def build_model(cfg: TrainConfig, run: RunData, device: torch.device) -> tuple[HSTUModel, Optimizers]:
     model = HSTUModel(run.mcfg, run.stat["schema"], run.stat["itemnum"]).to(device)
-    groups = param_groups(model, cfg.lr, cfg.weight_decay)
+    id_rows = None
+    if cfg.id_update == "rowwise":
+        model.item_tower.id_emb.weight.requires_grad_(False)  # out of AdamW, DDP and autograd
+        id_rows = RowWiseAdamW(model.item_tower.id_emb.weight, betas=(0.9, 0.98))
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.emb_lr_scale)
     for g in groups:
         g["lr_scale"] = g["lr"] / cfg.lr
-    optim = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
-    return model, optim
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+    return model, Optimizers(adamw, id_rows)
 
 
-def restore(state: dict, model: HSTUModel, optim: torch.optim.Optimizer, device: torch.device) -> tuple[int, dict]:
+def restore(state: dict, model: HSTUModel, optim: Optimizers, device: torch.device) -> tuple[int, dict]:
     """A checkpoint's weights, optimizer and RNG state -> (step, best)."""
     model.load_state_dict(state["model"])
-    optim.load_state_dict(state["optimizer"])
+    optim.adamw.load_state_dict(state["optimizer"])
+    if optim.id_rows is not None:
+        optim.id_rows.load_state_dict(state["id_optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if device.type == "cuda" and state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["best"]
 
 
-def save(cfg: TrainConfig, run: RunData, model: HSTUModel, optim: torch.optim.Optimizer, step: int, best: dict,
+def save(cfg: TrainConfig, run: RunData, model: HSTUModel, optim: Optimizers, step: int, best: dict,
          metrics: dict | None) -> Path:
     """global_step{step}/ (see checkpoint.py): weights once, in model.pt; then best.json and pruning."""
     root = Path(cfg.ckpt_dir)
     meta = {"model_config": run.mcfg.to_dict(), "step": step, "metrics": metrics,
             "stat": {k: run.stat[k] for k in ("itemnum", "schema", "user_array_maxlen")}}
-    state = {"optimizer": optim.state_dict(), "best": best, "train_config": dataclasses.asdict(cfg),
+    state = {"optimizer": optim.adamw.state_dict(), "best": best, "train_config": dataclasses.asdict(cfg),
              "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if optim.id_rows is not None:
+        state["id_optimizer"] = optim.id_rows.state_dict()
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     path = checkpoint.save_checkpoint(root, step, meta, weights, state, Path(cfg.cache_dir),
                                       checkpoint.config_json(cfg, run.mcfg), run.item_count)
@@ -407,29 +445,40 @@ def info(msg: str) -> None:
         log.info(msg)
 
 
-def optimise(model, optim: torch.optim.Optimizer, batch: dict, log_q: torch.Tensor, cfg: TrainConfig, step: int,
+def optimise(model, optim: Optimizers, batch: dict, log_q: torch.Tensor, cfg: TrainConfig, step: int,
              d: Dist, amp: bool, best: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One step: lr from the schedule, loss, backward, clipping, and the update unless anything is non-finite.
     -> (loss, grad norm, lr) as tensors still on the device (no sync but the finiteness check)."""
     lr = lr_at(step, cfg)
-    for g in optim.param_groups:
+    for g in optim.adamw.param_groups:
         g["lr"] = lr * g["lr_scale"]
+    optim.adamw.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are not held through it
+    table = optim.id_rows.weight if optim.id_rows is not None else None
+    if table is not None:  # a leaf of the step's rows collects the id table's gradient
+        uniq = step_rows(batch, len(table) - 1, d)
+        rows = table.index_select(0, uniq.clamp(max=len(table) - 1)).requires_grad_()
+        batch = {**batch, "id_rows": (uniq, rows)}
     with torch.autocast(batch["seq_type"].device.type, dtype=torch.bfloat16, enabled=amp):
         loss = train_loss(model, batch, log_q, cfg, step, d)
-    optim.zero_grad(set_to_none=True)
     loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if table is not None:
+        rows.grad = mean_over_ranks(rows.grad, d)  # what DDP does for the parameters
+    params = [*model.parameters(), *([rows] if table is not None else [])]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     # the one sync every step: a non-finite update must never reach AdamW, whose moments it would poison
     # for good (the gradient norm is non-finite whenever any gradient is)
     if all_true(torch.isfinite(loss.detach() + gnorm), d):
-        optim.step()
+        optim.adamw.step()
+        if table is not None:
+            real = (uniq > 0) & (uniq < len(table))  # not the padding row, not the filler ids
+            optim.id_rows.step(uniq[real], rows.grad[real], lr * cfg.emb_lr_scale)
         return loss, gnorm, lr
     if cfg.on_nonfinite == "stop":
         steps = checkpoint.checkpoint_steps(Path(cfg.ckpt_dir))
         last = Path(cfg.ckpt_dir) / f"global_step{steps[-1]}" if steps else "none"
         raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss.item()}) or gradient norm ({gnorm.item()}); "
                              f"the last good checkpoint is {last}. Lower --lr, or rerun with --on-nonfinite skip")
-    optim.zero_grad(set_to_none=True)
+    optim.adamw.zero_grad(set_to_none=True)
     best["nonfinite_skipped"] = best.get("nonfinite_skipped", 0) + 1
     info(f"step {step + 1}: non-finite loss or gradient norm, step skipped ({best['nonfinite_skipped']} so far)")
     return loss, gnorm, lr
@@ -450,7 +499,7 @@ def evaluate_step(cfg: TrainConfig, run: RunData, core: HSTUModel, val_loader: D
     return metrics, is_best
 
 
-def fit(cfg: TrainConfig, run: RunData, model, core: HSTUModel, optim: torch.optim.Optimizer, step: int, best: dict,
+def fit(cfg: TrainConfig, run: RunData, model, core: HSTUModel, optim: Optimizers, step: int, best: dict,
         resumed: bool, d: Dist, device: torch.device) -> tuple[int, dict | None]:
     """eval -> save -> step -> log, from `step` to the end (or --stop-at) -> (the last step, its validation)."""
     amp = device.type == "cuda"
@@ -540,7 +589,9 @@ def _train(cfg: TrainConfig, state: dict | None, d: Dist, device: torch.device) 
     if cfg.compile:
         model = torch.compile(model, dynamic=False)  # batches have one shape (drop_last, fixed N)
     if d.enabled:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients live in DDP's buckets instead of beside them: one copy of them, not two
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)
     info(f"{run.mcfg.model} preset={cfg.preset} params={sum(p.numel() for p in core.parameters()) / 1e6:.2f}M "
          f"device={device} ranks={d.world} train_users={len(run.train_ds)} val_users={len(run.val_ds)} "
          f"steps={cfg.max_steps} batch={cfg.batch_size}")

@@ -49,6 +49,7 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from id_update import RowWiseAdamW, rowwise_reference  # noqa: E402
 
 Tensor = torch.Tensor
 BETAS, EPS = (0.9, 0.98), 1e-8
@@ -56,50 +57,6 @@ LR = 5e-4  # the reference's embedding lr (1e-3 / 2)
 # all-reduce bus bandwidth (nccl-tests "busbw") assumed for the extrapolation; estimates, not measurements
 BUS_GBPS = {"NVLink (8 x H100/H200 SXM)": 360.0, "PCIe Gen4, no NVLink": 20.0}
 HBM_GBPS = {"H100 SXM": 3350.0, "H200": 4800.0}
-
-
-class RowWiseAdamW:
-    """AdamW (no weight decay) on the rows of a (V, D) table that a step touched: the moments of rows not in
-    `rows` are left as they are (lazy Adam). For rows touched at every step it is torch.optim.AdamW exactly.
-    State: exp_avg, exp_avg_sq (V, D) and the step count, as AdamW keeps them (so one can be converted into the
-    other)."""
-
-    def __init__(self, weight: Tensor, lr: float = LR, betas: tuple[float, float] = BETAS, eps: float = EPS):
-        self.weight, self.lr, self.betas, self.eps = weight, lr, betas, eps
-        self.exp_avg = torch.zeros_like(weight)
-        self.exp_avg_sq = torch.zeros_like(weight)
-        self.step_count = 0
-
-    @torch.no_grad()
-    def step(self, rows: Tensor, grad: Tensor, lr: float | None = None) -> None:
-        """rows (U,) unique row ids, grad (U, D) their (summed, all-reduced) gradient."""
-        lr = self.lr if lr is None else lr
-        b1, b2 = self.betas
-        self.step_count += 1
-        bc1, bc2 = 1 - b1 ** self.step_count, 1 - b2 ** self.step_count
-        m = self.exp_avg.index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)  # (U, D)
-        v = self.exp_avg_sq.index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        self.exp_avg.index_copy_(0, rows, m)
-        self.exp_avg_sq.index_copy_(0, rows, v)
-        upd = m.div_(v.div_(bc2).sqrt_().add_(self.eps)).mul_(-lr / bc1)  # in place: m and v are copies
-        self.weight.index_add_(0, rows, upd)  # rows are unique: a plain add per row
-
-    def state_dict(self) -> dict:
-        return {"step": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-
-
-def rowwise_reference(weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, rows: list[int],
-                      grads: Tensor, lr: float = LR, betas: tuple[float, float] = BETAS, eps: float = EPS) -> None:
-    """RowWiseAdamW.step written row by row, element formulas as in torch.optim.AdamW's docs (slow; a test oracle).
-    `step` is the step number after this update (1 for the first)."""
-    b1, b2 = betas
-    for j, r in enumerate(rows):
-        g = grads[j]
-        exp_avg[r] = b1 * exp_avg[r] + (1 - b1) * g
-        exp_avg_sq[r] = b2 * exp_avg_sq[r] + (1 - b2) * g * g
-        m_hat = exp_avg[r] / (1 - b1 ** step)
-        v_hat = exp_avg_sq[r] / (1 - b2 ** step)
-        weight[r] = weight[r] - lr * m_hat / (v_hat.sqrt() + eps)
 
 
 def step_ids(rows: int, batch: int, n: int, zipf: float, rng: np.random.Generator,
@@ -173,7 +130,7 @@ def run_variant(name: str, rows: int, dim: int, batches: list[list[Tensor]], ups
 
     if name == "row-wise":
         weight = init(torch.empty(rows, dim))
-        fn = partial(rowwise_step, weight, RowWiseAdamW(weight))
+        fn = partial(rowwise_step, weight, RowWiseAdamW(weight, lr=LR))
     else:
         emb = nn.Embedding(rows, dim, padding_idx=0, sparse=name == "sparse", _weight=torch.empty(rows, dim))
         init(emb.weight)
@@ -225,17 +182,17 @@ def check_equivalence() -> list[str]:
     v, d = 50, 8
     w0 = torch.randn(v, d, generator=g)
     w, ref = w0.clone(), w0.clone()
-    opt, m, s = RowWiseAdamW(w), torch.zeros(v, d), torch.zeros(v, d)
+    opt, m, s = RowWiseAdamW(w, lr=LR), torch.zeros(v, d), torch.zeros(v, d)
     for t in range(1, 5):
         rows = torch.randperm(v, generator=g)[: 10 + 5 * t].sort().values
         grad = torch.randn(rows.numel(), d, generator=g)
         opt.step(rows, grad)
-        rowwise_reference(ref, m, s, t, rows.tolist(), grad)
+        rowwise_reference(ref, m, s, t, rows.tolist(), grad, lr=LR)
     err1 = float((w - ref).abs().max())
     p = torch.nn.Parameter(w0.clone())
     adamw = torch.optim.AdamW([p], lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
     w2 = w0.clone()
-    opt2 = RowWiseAdamW(w2)
+    opt2 = RowWiseAdamW(w2, lr=LR)
     for _ in range(4):
         grad = torch.randn(v, d, generator=g)
         p.grad = grad.clone()

@@ -95,7 +95,7 @@ def save_tiny(root: Path, mcfg: ModelConfig, stat: dict, model: HSTUModel, item_
     (root / "ck").mkdir(exist_ok=True)
     counts = np.load(root / "cache" / "item_count.npy") if item_count is None else item_count
     run = train.RunData(stat, mcfg, None, None, counts, None, None)
-    return train.save(cfg, run, model, torch.optim.AdamW(model.parameters()), 7, {}, None)
+    return train.save(cfg, run, model, train.Optimizers(torch.optim.AdamW(model.parameters())), 7, {}, None)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ SCHEMA = {"item_sparse": {"100": 7, "111": 5, "90": 9},
 ITEMNUM = 40
 DAY = 86400
 BATCH_KEYS = {"seq_item", "seq_type", "seq_feat", "seq_action", "seq_ts", "next_item", "next_feat", "next_action",
-              "neg_item", "neg_feat", "user_sparse", "user_array"}
+              "next_ts", "neg_item", "neg_feat", "user_sparse", "user_array"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,7 @@ def make_batch(schema: dict, itemnum: int, batch: int, n: int, seed: int = 0, mi
         return torch.zeros(*shape, dtype=torch.long)
 
     b = {k: z(batch, n) for k in ("seq_item", "seq_type", "seq_action", "seq_ts", "next_item", "next_action",
-                                  "neg_item")}
+                                  "next_ts", "neg_item")}
     for u in range(batch):
         length = int(torch.randint(min_len, n + 1, (1,), generator=g))  # tokens incl. the user token
         s = n - length
@@ -52,6 +52,8 @@ def make_batch(schema: dict, itemnum: int, batch: int, n: int, seed: int = 0, mi
         b["seq_ts"][u, s] = ts[0]
         b["next_item"][u, s:n - 1] = items
         b["next_action"][u, s:n - 1] = b["seq_action"][u, s + 1:]
+        b["next_ts"][u, s:n - 1] = ts
+        b["next_ts"][u, n - 1] = ts[-1]
         b["neg_item"][u, s:n - 1] = torch.randint(1, itemnum + 1, (length - 1,), generator=g)
     b["seq_feat"], b["next_feat"], b["neg_feat"] = (table[b[k]] for k in ("seq_item", "next_item", "neg_item"))
     user_vocab = [schema["user_sparse"][f] for f in sorted(schema["user_sparse"])]
@@ -89,10 +91,11 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
 
 
-@pytest.mark.parametrize("rel_pos", [True, False])
-def test_hstu_layer_fast_path_matches_loop_reference(rel_pos):
+@pytest.mark.parametrize("rel_pos, attn_norm, query_times", [(True, "n", False), (False, "n", False),
+                                                           (True, "valid", False), (True, "n", True)])
+def test_hstu_layer_fast_path_matches_loop_reference(rel_pos, attn_norm, query_times):
     torch.manual_seed(0)
-    cfg = tiny_cfg(hidden=8, maxlen=6, num_time_buckets=8, rel_pos_bias=rel_pos)
+    cfg = tiny_cfg(hidden=8, maxlen=6, num_time_buckets=8, rel_pos_bias=rel_pos, attn_norm=attn_norm)
     layer = HSTULayer(cfg).double()
     randomise(layer, 1)
     b, n = 3, 6  # narrower than N = 7: a batch may carry fewer positions
@@ -102,9 +105,12 @@ def test_hstu_layer_fast_path_matches_loop_reference(rel_pos):
     ts = torch.randint(0, 60 * DAY, (b, n))  # spans more than the 30-day range of the buckets
     ts[0, :3] = 1000  # equal times -> bucket 0
     assert time_buckets(ts, 8, 30 * DAY).unique().numel() >= 4
+    # the queries' own times, or later ones (the time of the item each predicts, as rab_time "target" passes)
+    qts = ts + torch.randint(0, 5 * DAY, (b, n)) if query_times else None
+    buckets = time_buckets(ts, 8, 30 * DAY, qts) if query_times else None
     grad_out = torch.randn(b, n, cfg.hidden, dtype=torch.float64)
     results = []
-    for fn in (lambda: layer(x, mask, ts), lambda: hstu_layer_reference(layer, x, mask, ts)):
+    for fn in (lambda: layer(x, mask, ts, buckets), lambda: hstu_layer_reference(layer, x, mask, ts, qts)):
         layer.zero_grad()
         x.grad = None
         y = fn()
@@ -309,3 +315,16 @@ def test_presets():
     loss = batch_loss(model, batch, torch.zeros(ITEMNUM + 1))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.layers.parameters())
+
+
+def test_rab_time_target_reads_the_predicted_items_time():
+    """rab_time 'target': the time bias takes each query's next_ts; 'input' ignores next_ts."""
+    batch = make_batch(SCHEMA, ITEMNUM, 4, 10, seed=3)
+    later = {**batch, "next_ts": batch["next_ts"] + 7 * DAY}
+    for mode, moves in (("target", True), ("input", False)):
+        torch.manual_seed(0)
+        model = HSTUModel(tiny_cfg(rab_time=mode), SCHEMA, ITEMNUM).eval()
+        randomise(model, 2)
+        with torch.no_grad():
+            diff = (model(batch) - model(later)).abs().amax()
+        assert (diff > 1e-4) == moves, mode

@@ -53,35 +53,3 @@ def test_loss_estimate_matches_measured_peak():
     inside = est["total"] - 4.0 * rows * dim * 3  # the query, pos and neg vectors exist before the loss starts
     measured = scale.loss_peak_measured(rows, dim, chunk_rows)
     assert 0.9 <= measured / inside <= 1.1, (measured, inside)
-
-
-def test_rowwise_adamw_matches_the_row_by_row_reference_and_is_lazy():
-    g = torch.Generator().manual_seed(1)
-    w0 = torch.randn(30, 4, generator=g)
-    w, ref = w0.clone(), w0.clone()
-    opt, m, v = embedding_grad.RowWiseAdamW(w, lr=1e-2), torch.zeros(30, 4), torch.zeros(30, 4)
-    for t in range(1, 4):
-        rows = torch.randperm(30, generator=g)[:8].sort().values
-        grad = torch.randn(8, 4, generator=g)
-        opt.step(rows, grad)
-        embedding_grad.rowwise_reference(ref, m, v, t, rows.tolist(), grad, lr=1e-2)
-        untouched = torch.ones(30, dtype=torch.bool)
-        untouched[rows] = False
-        assert torch.equal(opt.exp_avg[untouched], m[untouched])  # lazy: untouched moments do not decay
-    torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(opt.exp_avg_sq, v, rtol=1e-6, atol=1e-9)
-
-
-def test_rowwise_adamw_is_adamw_when_every_row_is_touched():
-    g = torch.Generator().manual_seed(2)
-    w0 = torch.randn(20, 4, generator=g)
-    p = torch.nn.Parameter(w0.clone())
-    adamw = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
-    w = w0.clone()
-    opt = embedding_grad.RowWiseAdamW(w, lr=1e-2)
-    for _ in range(3):
-        grad = torch.randn(20, 4, generator=g)
-        p.grad = grad.clone()
-        adamw.step()
-        opt.step(torch.arange(20), grad)
-    torch.testing.assert_close(w, p.detach(), rtol=1e-6, atol=1e-7)
