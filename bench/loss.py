@@ -3,6 +3,7 @@ each chunk checkpointed) against a dense implementation of the same math (the fu
 
     python bench/loss.py [--batch 232] [--rows-per-seq 102] [--dim 512] [--catalogue 1000000] [--hard-k 8192]
     python bench/loss.py --batch 16 --rows-per-seq 32 --dim 64 --hard-k 256 --out bench/loss_smoke.tmp/results.md
+    python bench/loss.py --section full [--full-cases 64:200:64:3706:2048,32:102:512:6528,32:102:512:20000]
 
 The second command is a smoke run (seconds). At the default (reference) size every one of the B x N positions is a
 target row (R = 23,664), and the candidates are the R global negatives and the R in-batch positives (C = 2R);
@@ -19,6 +20,13 @@ their loss value and gradients, which are compared here (value within 1e-5 relat
 If the dense version would not fit in the memory available (its peak is predicted from a small calibration run),
 both run at the largest batch that fits, and ours also at the full size; the table says so. Prints a markdown
 table and writes it to bench/loss_results.md (or --out).
+
+--section full: the full-catalogue softmax (loss.full_softmax_loss, every item a negative) against the sampled loss
+at the same rows, per case B:N:D:M[:max_candidates] (B x N target rows, D hidden, M items; the sampled loss with
+all 2R columns and, if given, with max_candidates of them as --max-candidates draws them). Same processes and
+measures as above; the full softmax's inputs are the queries and an (M+1, D) item table (its gradient counted in
+the peak), the sampled loss's the queries and the R positive and R negative vectors. Each run's section of the
+results file is replaced, the other kept.
 """
 from __future__ import annotations
 
@@ -42,7 +50,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from loss import log_q_from_counts, sampled_softmax_loss, sampled_softmax_loss_reference  # noqa: E402
+from common import atomic_write  # noqa: E402
+from loss import (FULL_SOFTMAX_FACTOR, candidate_columns, full_softmax_fits, full_softmax_loss,  # noqa: E402
+                  full_softmax_loss_reference, log_q_from_counts, sampled_softmax_loss, sampled_softmax_loss_reference)
 
 Tensor = torch.Tensor
 
@@ -79,7 +89,9 @@ def dense_loss(query: Tensor, pos: Tensor, pos_ids: Tensor, row_seq: Tensor, neg
     return (lse - pos_logit).mean()
 
 
-IMPLS = {"ours": sampled_softmax_loss, "dense": dense_loss, "reference": sampled_softmax_loss_reference}
+IMPLS = {"ours": sampled_softmax_loss, "dense": dense_loss, "reference": sampled_softmax_loss_reference,
+         "full": full_softmax_loss, "full_reference": full_softmax_loss_reference}
+LEAVES = {"full": ("query", "item_vectors"), "full_reference": ("query", "item_vectors")}  # else query, pos, neg
 
 
 def make_inputs(batch: int, rows_per_seq: int, dim: int, catalogue: int, zipf: float, seed: int,
@@ -110,12 +122,23 @@ def make_inputs(batch: int, rows_per_seq: int, dim: int, catalogue: int, zipf: f
                 neg=table[inv[r:]].clone().requires_grad_(), neg_ids=torch.from_numpy(neg_ids), log_q=log_q)
 
 
+def full_inputs(inputs: dict, catalogue: int, dim: int, seed: int) -> dict:
+    """full_softmax_loss's inputs from make_inputs': the same queries, positives and sequences, and an
+    (M+1, D) table of unit item vectors (a leaf that gets gradients; row 0 is padding)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    dtype = inputs["query"].dtype
+    table = F.normalize(torch.randn(catalogue + 1, dim, generator=g, dtype=dtype), dim=1)
+    return dict(query=inputs["query"], pos_ids=inputs["pos_ids"], item_vectors=table.requires_grad_(),
+                row_seq=inputs["row_seq"])
+
+
 def value_and_grads(impl: str, inputs: dict, **kw) -> tuple[Tensor, list[Tensor]]:
-    for k in ("query", "pos", "neg"):
+    leaves = LEAVES.get(impl, ("query", "pos", "neg"))
+    for k in leaves:
         inputs[k].grad = None
     loss = IMPLS[impl](**inputs, **kw)
     loss.backward()
-    return loss.detach(), [inputs[k].grad for k in ("query", "pos", "neg")]
+    return loss.detach(), [inputs[k].grad for k in leaves]
 
 
 def item_grads(grads: list[Tensor], pos_ids: Tensor, neg_ids: Tensor) -> list[Tensor]:
@@ -156,6 +179,21 @@ def oracle_check(args) -> list[str]:
     return lines
 
 
+def full_oracle_check(args) -> list[str]:
+    """loss.full_softmax_loss == loss.full_softmax_loss_reference on a small float64 case (query and item-table
+    gradients), with and without the sequences' other positives masked."""
+    lines = []
+    inputs = full_inputs(make_inputs(6, 9, 16, 60, args.zipf, args.seed, dtype=torch.float64), 60, 16, args.seed)
+    for mask in (True, False):
+        v_ref, g_ref = value_and_grads("full_reference", inputs, temperature=args.temperature, mask_seq_positives=mask)
+        v, g = value_and_grads("full", inputs, temperature=args.temperature, mask_seq_positives=mask, chunk_rows=7)
+        dv, dg = abs(float(v - v_ref)) / abs(float(v_ref)), grad_diff(g, g_ref)
+        ok = dv < 1e-10 and dg < 1e-9
+        lines.append(f"full, {'sequence positives masked' if mask else 'plain cross-entropy'}: value {dv:.0e}, "
+                     f"gradients {dg:.0e} -> {'equal' if ok else 'DIFFERENT'}")
+    return lines
+
+
 # ---- child process: one implementation, one size ---------------------------------------------------------------
 
 def proc_status_kb(key: str) -> int | None:
@@ -181,16 +219,25 @@ def child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     res: dict = {}
     try:
+        impl, full = spec["impl"], spec["impl"] == "full"
         inputs = make_inputs(spec["batch"], spec["rows_per_seq"], spec["dim"], spec["catalogue"], spec["zipf"],
                              spec["seed"])
+        if full:
+            inputs = full_inputs(inputs, spec["catalogue"], spec["dim"], spec["seed"])
+        leaves = LEAVES.get(impl, ("query", "pos", "neg"))
         kw = dict(temperature=spec["temperature"])
         if spec["hard_k"]:
             kw.update(hard_k=spec["hard_k"], global_share=spec["global_share"])
-        if spec["impl"] == "ours":
+        if impl in ("ours", "full"):
             kw["chunk_rows"] = spec["chunk_rows"]
+        if spec.get("max_candidates"):  # as train.py draws them: a shared uniform subset of the 2R columns
+            kw["columns"] = candidate_columns(inputs["query"].shape[0], spec["max_candidates"], torch.device("cpu"),
+                                              torch.Generator().manual_seed(spec["seed"]))
         # warm-up on a tiny case, untimed: one-time costs (the first checkpoint() imports torch._dynamo, ~2 s)
         tiny = make_inputs(2, 4, 8, 100, spec["zipf"], spec["seed"])
-        IMPLS[spec["impl"]](**tiny, **{**kw, **({"chunk_rows": 3} if spec["impl"] == "ours" else {})}).backward()
+        tiny = full_inputs(tiny, 100, 8, spec["seed"]) if full else tiny
+        tiny_kw = {**kw, "columns": None} if "columns" in kw else kw
+        IMPLS[impl](**tiny, **{**tiny_kw, **({"chunk_rows": 3} if impl in ("ours", "full") else {})}).backward()
         del tiny
         gc.collect()
         if spec.get("mem_growth"):  # a failed allocation (reported) rather than the OOM killer picking a process
@@ -205,7 +252,7 @@ def child(spec: dict) -> None:
         maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         times, fwd_times = [], []
         for _ in range(spec["repeats"]):
-            for k in ("query", "pos", "neg"):
+            for k in leaves:
                 inputs[k].grad = None
             t0 = time.perf_counter()
             loss = IMPLS[spec["impl"]](**inputs, **kw)
@@ -220,8 +267,9 @@ def child(spec: dict) -> None:
             res["note"] = f"peak from ru_maxrss (before the run: {maxrss_before / 1024:.0f} MB)"
         res.update(seconds=min(times), fwd_seconds=min(fwd_times), peak_mb=(peak_kb - base_kb) / 1024,
                    base_mb=base_kb / 1024, loss=float(loss), rows=inputs["query"].shape[0])
-        torch.save({"loss": loss.detach(), "grads": item_grads([inputs[k].grad for k in ("query", "pos", "neg")],
-                                                               inputs["pos_ids"], inputs["neg_ids"])},
+        grads = [inputs[k].grad for k in leaves]
+        torch.save({"loss": loss.detach(), "grads": grads if full else item_grads(grads, inputs["pos_ids"],
+                                                                                  inputs["neg_ids"])},
                    spec["grads_path"])
     except (RuntimeError, MemoryError) as e:
         res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -244,6 +292,94 @@ def mem_available() -> int:
     return 0
 
 
+def write_section(path: Path, table: str) -> None:
+    """Replace the section of `path` whose first line is table's first line (a '# ' heading; a section runs to the
+    next '# ' heading), or append it; the other sections stay as they are."""
+    head = table.splitlines()[0]
+    sections: list[list[str]] = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        if line.startswith("# ") or not sections:
+            sections.append([])
+        sections[-1].append(line)
+    texts = ["\n".join(sec).strip("\n") + "\n" for sec in sections]
+    hit = [i for i, sec in enumerate(sections) if sec and sec[0] == head]
+    if hit:
+        texts[hit[0]] = table
+    else:
+        texts.append(table)
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(texts))
+
+
+# ---- full-catalogue softmax against the sampled loss ---------------------------------------------------------------
+
+FULL_CASES = "64:200:64:3706:2048,32:102:512:6528,32:102:512:20000"
+FULL_TITLE = "# Full-catalogue softmax against the sampled loss, CPU"
+
+
+def full_main(args, argv: list[str] | None) -> str:
+    load_before = os.getloadavg()[0]
+    t_start = time.time()
+    checks = full_oracle_check(args)
+    print("\n".join(checks), flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loss."))
+    rows, verdicts = [], []  # (case, method, R, columns, result); the automatic choice per case
+    for case in args.full_cases.split(","):
+        b, n, d, m, *mc = (int(x) for x in case.split(":"))
+        base = dict(batch=b, rows_per_seq=n, dim=d, catalogue=m, zipf=args.zipf, seed=args.seed, hard_k=0,
+                    temperature=args.temperature, chunk_rows=None, threads=args.threads, global_share=0.5,
+                    repeats=args.repeats, grads_path=str(tmp / "g.pt"))
+        runs = [("sampled: all 2R columns", {"impl": "ours"})]
+        if mc:
+            runs.append((f"sampled: {mc[0]:,} columns (--max-candidates)", {"impl": "ours", "max_candidates": mc[0]}))
+        runs += [("full: every item (sequence positives masked)", {"impl": "full"})]
+        for name, extra in runs:
+            res = run_child({**base, **extra})
+            print(f"{case} {name}: {res}", flush=True)
+            cols = m if extra["impl"] == "full" else extra.get("max_candidates") or 2 * b * n
+            rows.append((case, name, b * n, cols, res))
+        fits = full_softmax_fits(m, b * n, mc[0] if mc else None)
+        verdicts.append(f"{case}: full_softmax_fits({m:,}, {b * n:,}{f', {mc[0]:,}' if mc else ''}) = {fits}")
+    (tmp / "g.pt").unlink(missing_ok=True)
+    tmp.rmdir()
+    cmd = " ".join(["python bench/loss.py", *(sys.argv[1:] if argv is None else argv)])
+    lines = [FULL_TITLE, "",
+             "Per case (B x N target rows, every position a target; D hidden; M items, ids Zipf(s="
+             f"{args.zipf:g}) over 1..M), forward + backward, fp32, temperature {args.temperature:g}: "
+             "loss.sampled_softmax_loss (log q on every logit, the columns the R global negatives and R in-batch "
+             "positives, or a --max-candidates subset of them) against loss.full_softmax_loss (every item a "
+             "negative, the sequences' other positives masked), each with its default chunking (CHUNK_LOGITS logits "
+             f"a chunk). {args.repeats} timed run(s) per process after an untimed tiny warm-up, the fastest counts; "
+             "peak memory as in the section above (each run in its own process). The losses differ by "
+             "design (different negatives): no value comparison.", "",
+             f"- command: `{cmd}`",
+             f"- date: {datetime.date.today().isoformat()}; torch {torch.__version__}, {args.threads} thread(s) per "
+             f"process; CPU count {os.cpu_count()} ({platform.processor() or platform.machine()}); 1-min load average "
+             f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after; {time.time() - t_start:.0f} s in all",
+             "- check against loss.full_softmax_loss_reference (float64, B=6, N=9, D=16, 60 items; relative "
+             "differences): " + "; ".join(checks),
+             f"- the automatic choice (loss.full_softmax_fits, factor {FULL_SOFTMAX_FACTOR:g}: full when M <= factor x "
+             "the sampled columns): " + "; ".join(verdicts), "",
+             "| case B:N:D:M | method | R | columns | logits | fwd+bwd s | fwd s | time vs sampled 2R | "
+             "s per G logits | peak MB | peak vs sampled 2R | loss |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ref = {}
+    for case, name, r, cols, res in rows:
+        if "error" in res:
+            lines.append(f"| {case} | {name} | {r:,} | {cols:,} | {r * cols / 1e6:,.0f}M | - | - | - | - | - | - | "
+                         f"failed: {res['error']} |")
+            continue
+        ref.setdefault(case, res)  # the first run of a case is the sampled loss with all 2R columns
+        t_ratio, m_ratio = res["seconds"] / ref[case]["seconds"], res["peak_mb"] / max(ref[case]["peak_mb"], 1e-9)
+        lines.append(f"| {case} | {name} | {r:,} | {cols:,} | {r * cols / 1e6:,.0f}M | {res['seconds']:.3g} | "
+                     f"{res['fwd_seconds']:.3g} | {t_ratio:.2f} | {res['seconds'] / (r * cols / 1e9):.3g} | "
+                     f"{res['peak_mb']:,.0f} | {m_ratio:.2f} | {res['loss']:.4f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    write_section(Path(args.out), table)
+    return table
+
+
 # ---- main --------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> str:
@@ -264,11 +400,18 @@ def main(argv: list[str] | None = None) -> str:
                    help="memory left free: the dense version runs at a size whose predicted peak fits in "
                         "MemAvailable minus this")
     p.add_argument("--out", default=str(ROOT / "bench" / "loss_results.md"), help="where the table is written")
+    p.add_argument("--section", choices=("sampled", "full"), default="sampled",
+                   help="sampled: ours against dense (the options above); full: the full-catalogue softmax against "
+                        "the sampled loss, per --full-cases")
+    p.add_argument("--full-cases", default=FULL_CASES,
+                   help="--section full: B:N:D:M[:max_candidates],... (B x N target rows, D hidden, M items)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
     torch.set_num_threads(args.threads)
+    if args.section == "full":
+        return full_main(args, argv)
     load_before = os.getloadavg()[0]
     t_start = time.time()
 
@@ -364,7 +507,7 @@ def main(argv: list[str] | None = None) -> str:
             continue
         same_size = "error" not in dense and dense.get("rows") == r["rows"]
         t_ratio = f"{r['seconds'] / dense['seconds']:.2f}" if same_size else "-"
-        m_ratio = f"{r['peak_mb'] / dense['peak_mb']:.3f}" if same_size else "-"
+        m_ratio = f"{r['peak_mb'] / dense['peak_mb']:.3f}" if same_size and dense["peak_mb"] > 0 else "-"
         note = r.get("note", "")
         if cmp:
             note = (note + "; " if note else "") + ("target peak <= 0.25 x dense: "
@@ -379,8 +522,7 @@ def main(argv: list[str] | None = None) -> str:
               "gradient between their rows, not between items)."]
     table = "\n".join(lines) + "\n"
     print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table)
+    write_section(Path(args.out), table)
     try:
         tmp.rmdir()
     except OSError:
