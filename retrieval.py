@@ -1,4 +1,4 @@
-"""Exact top-K retrieval over a full candidate set, in bounded memory, and the ranking metrics.
+"""Exact top-K retrieval over a full candidate set, in bounded memory, and the merge of two top-K lists.
 
 `topk_chunked` never holds more than (users × item chunk) scores, whatever the catalogue size, and
 equals a full `torch.topk` over the whole score matrix (`topk_reference`, kept for tests) up to the
@@ -6,7 +6,6 @@ order of tied scores. bench/retrieval.py measures it against faiss and the naive
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 Tensor = torch.Tensor

@@ -28,7 +28,8 @@ from dataset import (ActivePool, EpochSampler, EvalDataset, FeatureSpec, RankBat
                      split_users, training_item_stats)
 from distributed import Dist, all_true, barrier, cleanup, gather_rows, mean_over_ranks, row_counts, setup
 from id_update import RowWiseAdamW, step_rows
-from loss import DEFAULT_CURRICULUM, candidate_columns, curriculum, log_q_from_counts, sampled_softmax_loss
+from loss import (DEFAULT_CURRICULUM, LOG_Q_MODES, NEGATIVES, candidate_columns, curriculum, full_softmax_fits,
+                  full_softmax_loss, log_q_from_counts, log_q_uniform, sampled_softmax_loss)
 from metrics import popularity_topk, summarise, target_ranks
 from mm_emb import MMFeatures, emb_dir_of, ensure_tables, with_mm
 from model import PRESETS, HSTUModel, ModelConfig, param_groups
@@ -96,7 +97,18 @@ class TrainConfig:
     # loss
     temperature: float = opt(None, "softmax temperature on cosine similarities (default: 0.01 for reference, "
                              "0.1 for small: a narrow model cannot spread its cosines over a 0.01 scale)")
-    log_q_alpha: float = opt(0.75, "log-q correction: q proportional to count^alpha; 0 disables it")
+    log_q_alpha: float = opt(None, "log-q: q proportional to count^alpha; 0 disables it (default: 0.75 for "
+                             "--log-q-mode all, 1 for source and mixture, where q is the in-batch sampler itself)")
+    log_q_mode: str = opt("all", "log-q correction: 'all' (every logit minus log q, the positive's too), 'source' "
+                          "(each negative by the sampler that drew it: in-batch by q, global by 1 / pool size), "
+                          "'mixture' (every negative by the mixture of both samplers), 'none'",
+                          choices=list(LOG_Q_MODES))
+    negatives: str = opt("mixed", "negative columns: 'mixed' (global and in-batch), 'in-batch' or 'global'",
+                         choices=list(NEGATIVES))
+    full_softmax: str = opt("auto", "cross-entropy over every item instead of sampled columns: 'on', 'off', or "
+                            "'auto' (on when the catalogue is at most twice the sampled columns and no "
+                            "hard-negative curriculum is set; see loss.full_softmax_fits)",
+                            choices=["auto", "on", "off"])
     curriculum: str = opt(None, "hard-negative curriculum 'step:k:share,...' for a 130k-step run, scaled to "
                           f"shorter runs; 'none' keeps every negative (default: {DEFAULT_CURRICULUM} for reference, "
                           "none for small, where hard negatives cost time and lowered validation scores)")
@@ -227,29 +239,70 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def train_loss(model: HSTUModel | DistributedDataParallel, batch: dict, log_q: torch.Tensor, cfg: TrainConfig,
-               step: int, d: Dist = Dist()) -> torch.Tensor:
+               step: int, d: Dist = Dist(), log_q_global: torch.Tensor | None = None,
+               item_table: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """The loss of one (local) batch. log_q (itemnum+1,) of the in-batch sampler, log_q_global that of the
+    global negatives (see loss.py); item_table (ids, features, dense rows) of every item: the full-catalogue
+    softmax instead of the sampled columns."""
     core = model.module if isinstance(model, DistributedDataParallel) else model
     out = model(batch)  # (B, N, D); through the DDP wrapper, which syncs gradients in backward
     target = batch["next_item"] > 0  # (B, N): positions whose next token is an item
     b, n = target.shape
     row_seq = torch.arange(b, device=out.device)[:, None].expand(b, n)[target]  # (R,)
     pos_ids, neg_ids = batch["next_item"][target], batch["neg_item"][target]  # (R,)
+    sizes = row_counts(pos_ids.numel(), out.device, d)  # (W,) target rows of every rank
+    if item_table is not None:  # every item a negative: nothing sampled, nothing gathered across ranks
+        loss = full_softmax_loss(out[target], pos_ids, core.item_vectors(*item_table), row_seq,
+                                 temperature=cfg.temperature)  # item vectors (M+1, D)
+    else:
+        loss = sampled_loss(core, batch, out, target, row_seq, pos_ids, neg_ids, sizes, log_q, log_q_global, cfg,
+                            step, d)
+    # DDP averages gradients over ranks: weighting by this rank's share of all rows (times W) makes the
+    # average the gradient of the mean over the global batch, as in one process
+    return loss * (sizes[d.rank] * d.world / max(sum(sizes), 1)) if d.enabled else loss
+
+
+def sampled_loss(core: HSTUModel, batch: dict, out: torch.Tensor, target: torch.Tensor, row_seq: torch.Tensor,
+                 pos_ids: torch.Tensor, neg_ids: torch.Tensor, sizes: list[int], log_q: torch.Tensor,
+                 log_q_global: torch.Tensor | None, cfg: TrainConfig, step: int, d: Dist) -> torch.Tensor:
+    """Sampled softmax over in-batch and global columns, gathered from every rank."""
     mm = {k: batch[k][target] if k in batch else None for k in ("next_mm", "neg_mm")}  # (R, sum of mm dims)
     id_rows = batch.get("id_rows")  # --id-update rowwise
     pos = core.item_vectors(pos_ids, batch["next_feat"][target], mm["next_mm"], id_rows)  # (R, D)
     neg = core.item_vectors(neg_ids, batch["neg_feat"][target], mm["neg_mm"], id_rows)  # (R, D)
     hard_k, share = hard_negatives(step, cfg)
-    sizes = row_counts(pos_ids.numel(), out.device, d)  # (W,) target rows of every rank
-    row_seq = row_seq + d.rank * b  # sequence numbers unique across ranks
+    row_seq = row_seq + d.rank * target.shape[0]  # sequence numbers unique across ranks
     gathered = tuple(gather_rows(t, sizes, d) for t in (pos, pos_ids, row_seq, neg, neg_ids)) if d.enabled else None
     # the same columns on every rank and after a resume: drawn from (seed, step), not from a running RNG
     columns = candidate_columns(sum(sizes), cfg.max_candidates or None, out.device,
                                 torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-    loss = sampled_softmax_loss(out[target], pos, pos_ids, row_seq, neg, neg_ids, log_q, temperature=cfg.temperature,
-                                hard_k=hard_k, global_share=share, columns=columns, gathered=gathered)
-    # DDP averages gradients over ranks: weighting by this rank's share of all rows (times W) makes the
-    # average the gradient of the mean over the global batch, as in one process
-    return loss * (sizes[d.rank] * d.world / max(sum(sizes), 1)) if d.enabled else loss
+    return sampled_softmax_loss(out[target], pos, pos_ids, row_seq, neg, neg_ids, log_q, temperature=cfg.temperature,
+                                hard_k=hard_k, global_share=share, columns=columns, gathered=gathered,
+                                log_q_mode=cfg.log_q_mode, log_q_global=log_q_global, negatives=cfg.negatives)
+
+
+def in_batch_log_q(cfg: TrainConfig, item_count: np.ndarray) -> torch.Tensor:
+    """(itemnum+1,) log q of the in-batch columns' sampler, from the training counts (zeros without log-q)."""
+    alpha = cfg.log_q_alpha if cfg.log_q_alpha is not None else (0.75 if cfg.log_q_mode == "all" else 1.0)
+    return log_q_from_counts(item_count, alpha) if alpha > 0 else torch.zeros(len(item_count))
+
+
+def use_full_softmax(cfg: TrainConfig, mcfg: ModelConfig, itemnum: int) -> bool:
+    """--full-softmax: decided once per run from the batch's capacity (not per batch), so a resumed run
+    trains the same loss."""
+    if cfg.full_softmax != "auto":
+        return cfg.full_softmax == "on"
+    return (cfg.curriculum == "none" and cfg.id_update == "dense"
+            and full_softmax_fits(itemnum, cfg.batch_size * (mcfg.maxlen + 1), cfg.max_candidates or None))
+
+
+def item_table(item_feat: np.ndarray, trained: np.ndarray, mm: MMFeatures | None, device: torch.device) -> tuple:
+    """(ids, features, dense rows) of items 0..itemnum on the device, for the full softmax's item tower; an
+    item without training events enters by its features (id 0), as validation and inference encode it."""
+    ids = torch.from_numpy(np.where(trained, np.arange(len(item_feat)), 0)).to(device)
+    feats = torch.from_numpy(np.asarray(item_feat, dtype=np.int64)).to(device)
+    rows = torch.from_numpy(mm.range(0, len(item_feat))).to(device) if mm is not None else None
+    return ids, feats, rows
 
 
 # --------------------------------------------------------------------------- validation
@@ -321,6 +374,7 @@ class RunData:
     item_count: np.ndarray  # (itemnum+1,) events in what training reads (validation held out)
     train_ds: TrainDataset
     val_ds: EvalDataset
+    full_softmax: bool = False  # the loss: every item a negative (see use_full_softmax)
 
 
 def load_data(cfg: TrainConfig, mcfg: ModelConfig) -> RunData:
@@ -339,7 +393,13 @@ def load_data(cfg: TrainConfig, mcfg: ModelConfig) -> RunData:
                             holdout_last=cfg.val_split == "last")
     val_ds = EvalDataset(reader, val_lines, item_feat, np.load(cache / "item_raw_id.npy"), spec, mcfg.maxlen,
                          holdout_last=True, trained=item_count > 0)
-    return RunData(stat, mcfg, mm, item_feat, item_count, train_ds, val_ds)
+    full = use_full_softmax(cfg, mcfg, stat["itemnum"])
+    if full and (cfg.curriculum != "none" or cfg.id_update != "dense"):
+        raise DataError("--full-softmax on scores every item: it takes neither a hard-negative curriculum "
+                        "(--curriculum none) nor --id-update rowwise (every row gets a gradient anyway)")
+    info("loss: full-catalogue softmax" if full else
+         f"loss: sampled softmax, log-q {cfg.log_q_mode}, negatives {cfg.negatives}")
+    return RunData(stat, mcfg, mm, item_feat, item_count, train_ds, val_ds, full)
 
 
 def multimodal(cfg: TrainConfig, mcfg: ModelConfig, data: Path, cache: Path) -> tuple[ModelConfig, MMFeatures | None]:
@@ -445,9 +505,10 @@ def info(msg: str) -> None:
         log.info(msg)
 
 
-def optimise(model, optim: Optimizers, batch: dict, log_q: torch.Tensor, cfg: TrainConfig, step: int,
+def optimise(model, optim: Optimizers, batch: dict, loss_inputs: tuple, cfg: TrainConfig, step: int,
              d: Dist, amp: bool, best: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One step: lr from the schedule, loss, backward, clipping, and the update unless anything is non-finite.
+    loss_inputs: train_loss's (log_q, log_q_global, item_table).
     -> (loss, grad norm, lr) as tensors still on the device (no sync but the finiteness check)."""
     lr = lr_at(step, cfg)
     for g in optim.adamw.param_groups:
@@ -459,7 +520,7 @@ def optimise(model, optim: Optimizers, batch: dict, log_q: torch.Tensor, cfg: Tr
         rows = table.index_select(0, uniq.clamp(max=len(table) - 1)).requires_grad_()
         batch = {**batch, "id_rows": (uniq, rows)}
     with torch.autocast(batch["seq_type"].device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = train_loss(model, batch, log_q, cfg, step, d)
+        loss = train_loss(model, batch, loss_inputs[0], cfg, step, d, *loss_inputs[1:])
     loss.backward()
     if table is not None:
         rows.grad = mean_over_ranks(rows.grad, d)  # what DDP does for the parameters
@@ -503,8 +564,9 @@ def fit(cfg: TrainConfig, run: RunData, model, core: HSTUModel, optim: Optimizer
         resumed: bool, d: Dist, device: torch.device) -> tuple[int, dict | None]:
     """eval -> save -> step -> log, from `step` to the end (or --stop-at) -> (the last step, its validation)."""
     amp = device.type == "cuda"
-    log_q = (log_q_from_counts(run.item_count, cfg.log_q_alpha) if cfg.log_q_alpha > 0
-             else torch.zeros(len(run.item_count))).to(device)
+    log_q = in_batch_log_q(cfg, run.item_count).to(device)
+    log_q_global = log_q_uniform(run.train_ds.pool.items, len(run.item_count)).to(device)  # the global sampler's
+    table = item_table(run.item_feat, run.item_count > 0, run.mm, device) if run.full_softmax else None
     val_loader = DataLoader(with_mm(run.val_ds, run.mm), batch_size=256, collate_fn=collate,
                             num_workers=min(cfg.num_workers, 2), generator=torch.Generator())
     from torch.utils.tensorboard import SummaryWriter
@@ -523,7 +585,8 @@ def fit(cfg: TrainConfig, run: RunData, model, core: HSTUModel, optim: Optimizer
         barrier(d)  # the other ranks wait while rank 0 validates and saves
         if step >= end:
             break
-        loss, gnorm, lr = optimise(model, optim, to_device(next(it), device), log_q, cfg, step, d, amp, best)
+        loss, gnorm, lr = optimise(model, optim, to_device(next(it), device), (log_q, log_q_global, table), cfg, step,
+                                   d, amp, best)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:

@@ -41,9 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common import load_stat  # noqa: E402
 from dataset import ActivePool, EpochSampler, FeatureSpec, SeqReader, TrainDataset, collate  # noqa: E402
-from loss import log_q_from_counts  # noqa: E402
 from model import HSTUModel, param_groups  # noqa: E402
-from train import TrainConfig, lr_at, resolve, to_device, train_loss  # noqa: E402
+from train import TrainConfig, in_batch_log_q, lr_at, resolve, to_device, train_loss  # noqa: E402
 
 
 def sample_data(workdir: Path, users: int, items: int, seed: int = 42) -> tuple[Path, Path]:
@@ -119,7 +118,7 @@ def prepare(preset: str, batch_size: int, data: Path, cache: Path, device: torch
     ds, stat = train_dataset(data, cache, mcfg.maxlen, seed)
     order = iter(EpochSampler(len(ds), seed))
     batches = [to_device(collate([ds[next(order)] for _ in range(batch_size)]), device) for _ in range(num_batches)]
-    log_q = log_q_from_counts(np.load(cache / "item_count.npy"), cfg.log_q_alpha).to(device)
+    log_q = in_batch_log_q(cfg, np.load(cache / "item_count.npy")).to(device)
     return Setup(cfg, mcfg, batches, stat, log_q, device)
 
 

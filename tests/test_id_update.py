@@ -2,12 +2,25 @@
 and training with it: its first step is the dense update, and a resumed run equals an uninterrupted one."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 import checkpoint
+import get_stat
 import train
 from id_update import RowWiseAdamW, rowwise_reference, step_rows
-from test_train import args, sample  # noqa: F401  (sample: the training tests' sample-data fixture)
+from make_sample_data import generate
+from test_train import args
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rowwise")
+    generate(str(root), users=400, items=300, seed=5, progress=False)
+    get_stat.run(root / "data", root / "cache")
+    return root
 
 
 def test_rowwise_adamw_matches_the_row_by_row_reference_and_is_lazy():
@@ -48,7 +61,7 @@ def test_step_rows_are_the_sorted_union_padded_to_a_fixed_length():
     assert step_rows(batch, itemnum=10).tolist() == [0, 2, 3, 5, 7, 9] + [11] * 4  # 9 lookups + 1
 
 
-def test_first_step_equals_the_dense_update_and_resume_is_exact(sample):  # noqa: F811
+def test_first_step_equals_the_dense_update_and_resume_is_exact(sample):
     """After one step, lazy and dense AdamW agree (untouched rows have zero moments either way); over 6 steps
     with a stop at 3, the resumed rowwise run ends with the uninterrupted one's weights, bit for bit."""
     one = ["--max-steps", "1", "--id-dropout", "0"]

@@ -12,7 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import embedding_grad  # noqa: E402
 import scale  # noqa: E402
 from model import HSTUModel, ModelConfig  # noqa: E402
 
