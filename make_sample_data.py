@@ -93,7 +93,7 @@ class World:
         self.vocab = {f: min(v, cap_i) for f, v in ITEM_VOCAB.items()}
         self.vocab["111"] = M
         self.vocab.update({f: min(v, cap_u) for f, v in {**USER_SPARSE, **USER_ARRAY}.items()})
-        self.raw_feat = {f: int(f) * 10**7 + spread_ids(rng, v) for f, v in sorted(self.vocab.items())}
+        self.raw_feat = {f: int(f) * 10**8 + spread_ids(rng, v) for f, v in sorted(self.vocab.items())}
         self.cold_next = {f: 0 for f in self.vocab}              # counters of unseen raw values
 
         # Item features (re-ids, 0 = missing). Topic features map a topic to a value (or a block
@@ -283,8 +283,8 @@ def generate(out_dir: str, users: int = 6000, items: int = 4000, seed: int = 42,
         raise ValueError(f"mm_emb_ids must be distinct ids among {sorted(MM_DIMS)}, got {list(mm_emb_ids)}")
     if eval_user_ids not in ("raw", "reid"):
         raise ValueError(f"eval_user_ids must be 'raw' or 'reid', got {eval_user_ids!r}")
-    if items > 3_000_000:
-        raise ValueError("items must be <= 3,000,000 (raw feature values are fid * 10**7 + k)")
+    if items > 30_000_000:
+        raise ValueError("items must be <= 30,000,000 (raw feature values are fid * 10**8 + k)")
     n_test = max(1, users // 10 if test_users is None else test_users)
     world_rng, train_rng, test_rng = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
     world = World(world_rng, items, users, topics)

@@ -100,7 +100,7 @@ def test_training_format(small):
     assert sorted(idx["i"].values()) == list(range(1, 401))
     assert all(isinstance(k, str) and k.startswith("user_") for k in idx["u"])
     assert all(isinstance(k, int) and k >= 20_000_000_000 for k in idx["i"])
-    assert all(k // 10**7 == int(f) for f, d in idx["f"].items() for k in d)
+    assert all(k // 10**8 == int(f) for f, d in idx["f"].items() for k in d)
     ifd = json.load(open(small / "data/item_feat_dict.json"))
     assert set(ifd) == {str(i) for i in range(1, 401)}
     lines = read_lines(small / "data/seq.jsonl", small / "data/seq_offsets.pkl")
