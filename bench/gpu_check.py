@@ -906,6 +906,8 @@ def headline(name: str, rec: dict) -> str:
         text += f"HR@10 {f['HR@10']:.4f}, NDCG@10 {f['NDCG@10']:.4f} after {f['steps']} steps"
     elif name == "env":
         text += f"; {f.get('device_name', 'no GPU')}, {f.get('cpus')} CPU cores"
+    elif name == "cuda_tests":
+        text += f"; {f.get('summary', '')}"
     return text.strip("; ")
 
 
@@ -1015,7 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.time()
     deadline = t0 + 60 * args.minutes
-    out, work = Path(args.out), Path(args.work).resolve()
+    out, work = Path(args.out).resolve(), Path(args.work).resolve()
+    if args.ml1m:
+        args.ml1m = str(Path(args.ml1m).resolve())  # the sections run in the repository root
     sections, logs = work / "sections", work / "logs"
     side = work if out.resolve() == BENCH.resolve() else out  # bench/ gets the results file alone
     for folder in (out, sections, logs):
