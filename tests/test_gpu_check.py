@@ -106,3 +106,20 @@ def test_weight_diff_and_resume_verdicts():
     assert not gpu_check.resume_ok({"deterministic": same, "default": {**off, "noise": same}})[1]["ok"]
     noisy = {**off, "noise": {**same, "worst_rel": 2e-3}}
     assert gpu_check.resume_ok({"deterministic": same, "default": noisy})[1]["ok"]
+
+
+def test_largest_batch_search_doubles_then_bisects(monkeypatch):
+    import train_step  # bench/train_step.py
+    setup = train_step.prepare_synthetic("reference", 8, 300, CPU, 1, **gpu_check.DRY_MODEL)
+    tried = []
+
+    def fake_step(model, optim, batch, *args):  # "out of memory" above 40 sequences
+        tried.append(len(batch["seq_type"]))
+        if len(batch["seq_type"]) > 40:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(train_step, "optimise", fake_step)
+    best, trials = train_step.find_max_batch(setup, amp=False, cap=1024)
+    assert best == 40
+    assert [(b, ok) for b, ok, _ in trials] == [(8, True), (16, True), (32, True), (64, False), (48, False), (40, True)]
+    assert train_step.find_max_batch(setup, amp=False, cap=24)[0] == 24  # the cap, when everything fits
