@@ -10,13 +10,15 @@ The second command is a smoke run. The data is generated (make_sample_data.gener
 (__getitem__ in this process, no DataLoader; with the share of it spent reading and parsing the JSON line), the
 loader's sequences/s for each worker count (persistent workers, prefetch_factor 4 as in train.py; time to the
 first batch reported apart, then --warmup batches untimed, then --batches timed), and the training step's
-sequences/s (bench/train_step.py's measurement: eager, batches preloaded) unless --step-rate gives it.
+sequences/s (bench/train_step.py's measurement: eager, batches preloaded, on --device; bf16 autocast on CUDA)
+unless --step-rate gives it (with --step-note saying where it comes from).
 Prints a markdown table and writes it to bench/dataloader_results.md (or --out).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
@@ -87,11 +89,14 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--samples", type=int, default=2000, help="samples timed for the per-sample cost")
     p.add_argument("--step-rate", type=float, default=None,
                    help="training step consumption in sequences/s (default: measured here)")
+    p.add_argument("--step-note", default="given (--step-rate)", help="where --step-rate comes from, for the table")
     p.add_argument("--step-steps", type=int, default=20, help="timed training steps when measuring the step rate")
+    p.add_argument("--device", default="cpu", help="where the training step is measured (cpu, cuda, cuda:N)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process (the training step)")
     p.add_argument("--seed", type=int, default=42, help="data order and negatives")
     p.add_argument("--workdir", default=None, help="where the sample data is kept (default: a temp folder)")
     p.add_argument("--out", default=str(BENCH / "dataloader_results.md"), help="where the table is written")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -111,12 +116,13 @@ def main(argv: list[str] | None = None) -> str:
         print(f"{w} workers: {rates[w]}", flush=True)
 
     if args.step_rate is None:
-        setup = train_step.prepare(args.preset, args.batch_size, data, cache, torch.device("cpu"), 8)
-        step = train_step.measure(setup, args.step_steps, 3)
+        device = torch.device(args.device)
+        setup = train_step.prepare(args.preset, args.batch_size, data, cache, device, 8)
+        step = train_step.measure(setup, args.step_steps, 3, amp=device.type == "cuda")
         step_rate, step_note = step["seqs_per_s"], (f"measured here: {args.preset} preset, B={args.batch_size}, eager, "
-                                                    f"{args.step_steps} steps, batches preloaded")
+                                                    f"{args.step_steps} steps, batches preloaded, {device}")
     else:
-        step_rate, step_note = args.step_rate, "given (--step-rate)"
+        step_rate, step_note = args.step_rate, args.step_note
     print(f"training step: {step_rate:.1f} seq/s", flush=True)
 
     cpus = os.cpu_count() or 1
@@ -154,6 +160,11 @@ def main(argv: list[str] | None = None) -> str:
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(
+            step_rate=step_rate, step_note=step_note, cpus=cpus, us_item=us_item, us_read=us_read,
+            us_collate=us_collate, mean_events=stat["num_events"] / max(stat["num_users"], 1),
+            rates={str(w): r for w, r in rates.items()}), indent=1))
     return table
 
 
