@@ -79,8 +79,10 @@ class TrainConfig:
                                      "(read from DATA_DIR/creative_emb, converted once into tables in --cache-dir); "
                                      "default none", nargs="*", type=int)
     # optimisation
-    max_steps: int = opt(None, "length of training in steps; the schedule and curriculum follow it "
-                         "(default: 130000 for reference, 500 for small)")
+    max_steps: int = opt(None, "length of training in steps; the schedule and curriculum follow it (default: "
+                         "130000 for reference; for small, --epochs over the training sequences)")
+    epochs: float = opt(None, "length of training in passes over the training sequences, when --max-steps is not "
+                        "given (default: 20 for small, where the run follows the data; reference runs 130000 steps)")
     batch_size: int = opt(None, "sequences per step (default: 232 for reference, 64 for small)")
     lr: float = opt(None, "peak learning rate, embeddings get half (default: 1e-3 for reference, 2e-3 for small)")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on embeddings, biases, norms)")
@@ -147,7 +149,7 @@ RESUME_OVERRIDES = {"data_dir", "cache_dir", "ckpt_dir", "log_dir", "tf_dir", "m
                     "on_nonfinite", "compile", "dist_timeout_min", "val_item_chunk"}
 TRAIN_PRESETS = {"reference": dict(max_steps=130_000, batch_size=232, lr=1e-3, temperature=0.01,
                                    curriculum=DEFAULT_CURRICULUM),
-                 "small": dict(max_steps=500, batch_size=64, lr=2e-3, temperature=0.1, curriculum="none")}
+                 "small": dict(epochs=20.0, batch_size=64, lr=2e-3, temperature=0.1, curriculum="none")}
 MODEL_OPTIONS = ("model", "hidden", "num_layers", "num_heads", "maxlen", "dropout", "id_dropout", "emb_dropout",
                  "attn_norm", "rab_time", "num_time_buckets", "id_init_std", "item_feats", "exclude_item_feats")
 
@@ -200,21 +202,25 @@ class NonFiniteError(DataError):
     """A non-finite loss or gradient: the run stops with one line (exit code 2), its checkpoints intact."""
 
 
-def resolve(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, ModelConfig]:
-    """Fill the defaults that depend on the preset, the run length and the machine."""
+def resolve(cfg: TrainConfig, device: torch.device, train_sequences: int | None = None) -> tuple[TrainConfig, ModelConfig]:
+    """Fill the defaults that depend on the preset, the machine and the run length. A run sized in epochs gets
+    its steps (and the intervals that follow them) once `train_sequences` is known; calling it again with the
+    result changes nothing else."""
     preset = cfg.preset if cfg.preset != "auto" else ("reference" if device.type == "cuda" else "small")
     over = {k: getattr(cfg, k) for k in MODEL_OPTIONS if getattr(cfg, k) is not None}
     mcfg = dataclasses.replace(PRESETS[preset], **over)
     t = {k: v for k, v in TRAIN_PRESETS[preset].items() if getattr(cfg, k) is None}
-    cfg = dataclasses.replace(cfg, preset=preset, **t)
-    eval_every = cfg.eval_every or max(cfg.max_steps // 10, 1)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine (torchrun)
-    cfg = dataclasses.replace(
+    cfg = dataclasses.replace(cfg, preset=preset, **t, num_workers=cfg.num_workers if cfg.num_workers is not None
+                              else min(max((os.cpu_count() or 1) // local_ranks - 1, 0), 8))
+    if cfg.max_steps is None and train_sequences is not None:
+        cfg = dataclasses.replace(cfg, max_steps=max(math.ceil(cfg.epochs * train_sequences / cfg.batch_size), 1))
+    if cfg.max_steps is None:
+        return cfg, mcfg  # sized in epochs: the steps follow once the data is read
+    eval_every = cfg.eval_every or max(cfg.max_steps // 10, 1)
+    return dataclasses.replace(
         cfg, eval_every=eval_every, save_every=cfg.save_every or eval_every,
-        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else max(cfg.max_steps // 50, 1),
-        num_workers=cfg.num_workers if cfg.num_workers is not None
-        else min(max((os.cpu_count() or 1) // local_ranks - 1, 0), 8))
-    return cfg, mcfg
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else max(cfg.max_steps // 50, 1)), mcfg
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -309,9 +315,10 @@ def item_table(item_feat: np.ndarray, trained: np.ndarray, mm: MMFeatures | None
 
 @torch.no_grad()
 def item_vector_chunks(model: HSTUModel, item_feat: np.ndarray, trained: np.ndarray, device: torch.device,
-                       chunk: int, mm: MMFeatures | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first item re-id, (n, D) float32 vectors) for items 1..itemnum, chunk by chunk. An item the run never
-    trained on is encoded as a cold item is at inference: id 0 and its features."""
+                       chunk: int, mm: MMFeatures | None = None, amp: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first item re-id, (n, D) float32 vectors) for items 1..itemnum, chunk by chunk, encoded under bf16
+    autocast with `amp`. An item the run never trained on is encoded as a cold item is at inference: id 0
+    and its features."""
     if mm is not None:  # dense rows are wide: keep a chunk's rows near 256 MB
         chunk = max(1, min(chunk, (256 << 20) // (4 * mm.dim)))
     for s in range(1, len(item_feat), chunk):
@@ -319,7 +326,9 @@ def item_vector_chunks(model: HSTUModel, item_feat: np.ndarray, trained: np.ndar
         ids = torch.from_numpy(np.where(trained[s:e], np.arange(s, e), 0)).to(device)
         feats = torch.from_numpy(np.asarray(item_feat[s:e], dtype=np.int64)).to(device)
         rows = torch.from_numpy(mm.range(s, e)).to(device) if mm is not None else None  # (n, sum of mm dims)
-        yield s, model.item_vectors(ids, feats, rows).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            vecs = model.item_vectors(ids, feats, rows)
+        yield s, vecs.float()
 
 
 @torch.no_grad()
@@ -341,12 +350,12 @@ def validate(model: HSTUModel, loader: DataLoader, item_feat: np.ndarray, traine
     hist = torch.cat([torch.nn.functional.pad(h, (0, width - h.shape[1])) for h in history])  # (U, H) re-ids, 0 pad
     best_s = torch.full((len(u), k), float("-inf"), device=device)
     best_i = torch.full((len(u), k), -1, dtype=torch.long, device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        for start, vecs in item_vector_chunks(model, item_feat, trained, device, item_chunk, mm):
-            local = hist - start  # positions within this chunk; anything outside it is no exclusion
-            exclude = torch.where((hist > 0) & (local >= 0) & (local < len(vecs)), local, -1)
-            s, i = topk_chunked(u, vecs, k, exclude)
-            best_s, best_i = merge_topk(best_s, best_i, s, torch.where(i >= 0, i + start, -1))
+    chunks = item_vector_chunks(model, item_feat, trained, device, item_chunk, mm, amp)
+    for start, vecs in chunks:  # scored outside autocast: bf16 scores would tie and reorder neighbours
+        local = hist - start  # positions within this chunk; anything outside it is no exclusion
+        exclude = torch.where((hist > 0) & (local >= 0) & (local < len(vecs)), local, -1)
+        s, i = topk_chunked(u, vecs, k, exclude)
+        best_s, best_i = merge_topk(best_s, best_i, s, torch.where(i >= 0, i + start, -1))
     model.train(was_training)
     target = np.concatenate(targets)
     keep = target > 0  # users without a click or conversion to hold out are not validated
@@ -642,6 +651,7 @@ def _train(cfg: TrainConfig, state: dict | None, d: Dist, device: torch.device) 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run = load_data(cfg, mcfg)
+    cfg, _ = resolve(cfg, device, len(run.train_ds))  # a run sized in epochs gets its steps
     model, optim = build_model(cfg, run, device)
     if d.main:
         checkpoint.check_space(cfg.ckpt_dir, model, cfg.keep_last)
@@ -657,7 +667,8 @@ def _train(cfg: TrainConfig, state: dict | None, d: Dist, device: torch.device) 
                                         gradient_as_bucket_view=True)
     info(f"{run.mcfg.model} preset={cfg.preset} params={sum(p.numel() for p in core.parameters()) / 1e6:.2f}M "
          f"device={device} ranks={d.world} train_users={len(run.train_ds)} val_users={len(run.val_ds)} "
-         f"steps={cfg.max_steps} batch={cfg.batch_size}")
+         f"steps={cfg.max_steps} ({cfg.max_steps * cfg.batch_size / max(len(run.train_ds), 1):.1f} epochs) "
+         f"batch={cfg.batch_size}")
     if not best.get("popularity") and d.main:
         best["popularity"] = popularity_baseline(run.val_ds, run.item_count)
     step, metrics = fit(cfg, run, model, core, optim, step, best, state is not None, d, device)

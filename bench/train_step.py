@@ -148,6 +148,7 @@ class Setup:
 def config(preset: str, batch_size: int, device: torch.device, max_candidates: int = 0, seed: int = 42,
            **overrides) -> tuple[TrainConfig, object]:
     """train.py's resolved config for a preset, with TrainConfig fields overridden (e.g. hidden=32, id_update=...)."""
+    overrides.setdefault("max_steps", 1000)  # the lr schedule needs a length; throughput does not depend on it
     return resolve(TrainConfig(preset=preset, batch_size=batch_size, device=str(device),
                                max_candidates=max_candidates, seed=seed, **overrides), device)
 
