@@ -30,12 +30,14 @@ def _mask_excluded(scores: Tensor, exclude: Tensor | None, start: int) -> None:
 
 
 # CPU tiling: a (user block x item block) tile of int32 scores (4 MiB) that the int8 matmul writes and a
-# row max reads back; smaller tiles pay more Python per score, larger ones fall out of cache (the fastest
-# tried with bench/retrieval.py). Module constants so tests can shrink them; they change speed only.
+# max over each sub-block of items reads back; smaller tiles pay more Python per score, larger ones fall
+# out of cache, larger sub-blocks make each one that passes the screen dearer to look into (the fastest
+# tried with bench/retrieval.py). The items that pass wait up to CPU_MERGE_EVERY item blocks to be scored
+# exactly and merged together. Module constants so tests can shrink them; they change speed only.
 CPU_USER_BLOCK = 512
 CPU_ITEM_BLOCK = 2048
-CPU_SUB_BLOCK = 128
-CPU_MERGE_EVERY = 8  # item blocks between merges of the screened-in items (the thresholds wait)
+CPU_SUB_BLOCK = 64
+CPU_MERGE_EVERY = 8
 # GPU: per item chunk, the k + DEVICE_EXTRA best bf16 scores of each user are re-scored exactly; the
 # extra ones are the margin that lets the bf16 bound prove that no other item of the chunk is needed.
 DEVICE_EXTRA = 16
@@ -338,11 +340,13 @@ def _topk_cpu_block(users: Tensor, items: _Int8Items, k: int, exclude: Tensor | 
         blocks = blocks.view(u, blocks.shape[1] // sub, sub)  # (u, nb, sub)
         ri, bi = (blocks.amax(2) >= need.unsqueeze(1)).nonzero(as_tuple=True)  # (n,) pairs to look into
         if ri.numel():
-            pending.append((ri, start + bi * sub, blocks[ri, bi]))
+            pair = ri * blocks.shape[1] + bi
+            pending.append((ri, start + bi * sub, blocks.view(-1, sub).index_select(0, pair)))
             waiting += ri.numel()
         if pending and (len(pending) >= CPU_MERGE_EVERY or waiting >= u or j == len(starts) - 1):
             rows = _merge_candidates(u64, items.items, pending, need, best_s, best_i)
-            need[rows] = _int_threshold(best_s[rows, -1], inv[rows], off[rows])
+            need[rows] = _int_threshold(best_s[:, -1].index_select(0, rows), inv.index_select(0, rows),
+                                        off.index_select(0, rows))
             pending, waiting = [], 0
         if open_rows.numel():
             exact = u64[open_rows] @ items.items[start:start + c].double().T  # (o, c)
@@ -360,12 +364,12 @@ def _merge_candidates(u64: Tensor, items: Tensor, pending: list[tuple[Tensor, Te
     that passed the screen. Score exactly the items at or above their row's current threshold and merge
     them into (best_s, best_i). Returns the rows merged (possibly none)."""
     ri, first, scores = (torch.cat(x) for x in zip(*pending)) if len(pending) > 1 else pending[0]
-    pi, col = (scores >= need[ri].unsqueeze(1)).nonzero(as_tuple=True)  # (m,)
-    row, pos = ri[pi], first[pi] + col
+    pi, col = (scores >= need.index_select(0, ri).unsqueeze(1)).nonzero(as_tuple=True)  # (m,)
+    row, pos = ri.index_select(0, pi), first.index_select(0, pi) + col
     if len(pending) > 1:  # each block's pairs are in row order, the blocks after one another
         row, order = row.sort(stable=True)
-        pos = pos[order]
-    exact = (u64[row] * items[pos].double()).sum(1)  # (m,)
+        pos = pos.index_select(0, order)
+    exact = (u64.index_select(0, row) * items.index_select(0, pos).double()).sum(1)  # (m,)
     rows, group, counts = torch.unique_consecutive(row, return_inverse=True, return_counts=True)  # (r,)
     if not rows.numel():
         return rows
