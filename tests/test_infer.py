@@ -1,4 +1,4 @@
-"""infer.py and retrieval.topk_chunked: exact chunked top-K, history filtering, result files, cold start,
+"""infer.py: history filtering, result files (against an independent top-K), cold start, user ids,
 conditions, input errors, and the whole chain sample data -> get_stat -> checkpoint -> infer -> evaluate."""
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import torch
 import evaluate
 import get_stat
 import infer
-import retrieval
 from common import load_stat
 from conftest import ROOT
 from dataset import EvalDataset, SeqReader, collate
@@ -36,43 +35,6 @@ def few_threads():
     torch.set_num_threads(2)  # the CPU top-K path runs blocks in threads: keep two so it is exercised
     yield
     torch.set_num_threads(n)
-
-
-# --------------------------------------------------------------------------- chunked top-K
-
-@pytest.mark.parametrize("device_path", ["cpu", "device"])
-@pytest.mark.parametrize("with_exclude", [False, True])
-@pytest.mark.parametrize("item_chunk", [3, 7, 1000])  # smaller than k, not dividing M, larger than M
-def test_topk_chunked_equals_full_topk(device_path, with_exclude, item_chunk, monkeypatch):
-    g = torch.Generator().manual_seed(item_chunk)
-    U, M, D, k = 23, 101, 8, 5
-    users, items = torch.randn(U, D, generator=g), torch.randn(M, D, generator=g)
-    items[40:44] = items[3]  # exact ties across chunks
-    exclude = torch.randint(-1, M + 5, (U, 9), generator=g) if with_exclude else None  # -1 and >= M are no-ops
-    if device_path == "device":  # the GPU algorithm, run on the CPU
-        monkeypatch.setattr(retrieval, "_topk_cpu", retrieval._topk_device)
-    else:  # tiny tiles: many user blocks (threads) and item blocks
-        monkeypatch.setattr(retrieval, "CPU_USER_BLOCK", 4)
-        monkeypatch.setattr(retrieval, "CPU_ITEM_BLOCK", 6)
-    s, i = retrieval.topk_chunked(users, items, k, exclude, item_chunk=item_chunk)
-    full = users @ items.T  # (U, M)
-    if exclude is not None:
-        for r in range(U):
-            full[r, [p for p in exclude[r].tolist() if 0 <= p < M]] = float("-inf")
-    ref_s, _ = torch.topk(full, k, dim=1)
-    assert s.shape == i.shape == (U, k)
-    assert torch.allclose(s, ref_s, atol=1e-5)  # the same scores, best first; ties may pick other items
-    assert torch.allclose(full.gather(1, i), s, atol=1e-5)  # each position really has its score
-    assert all(len(set(row)) == k for row in i.tolist())  # no item twice
-    if exclude is not None:
-        assert not any(p in set(exclude[r].tolist()) for r in range(U) for p in i[r].tolist())
-
-
-def test_topk_chunked_fewer_candidates_than_k():
-    users, items = torch.randn(3, 4), torch.randn(4, 4)
-    exclude = torch.tensor([[0, 1], [-1, -1], [0, 0]])
-    s, i = retrieval.topk_chunked(users, items, 6, exclude, item_chunk=3)
-    assert (i >= 0).sum(1).tolist() == [2, 4, 3] and torch.isinf(s[i < 0]).all()
 
 
 def test_history_positions():
