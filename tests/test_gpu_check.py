@@ -84,10 +84,14 @@ def test_compare_topk_fails_on_wrong_answers():
     # excluded items returned: the answer without exclusions (better items, so only the exclusion check sees it)
     unexcluded = gpu_check.compare_topk(u, it, ex, ref, retrieval.topk_reference(u, it, 10))
     assert unexcluded["excluded_returned"] and not unexcluded["ok"]
-    # scores rounded to bf16 before ranking (the GPU path inside autocast, run here on the CPU)
+    # ranked on scores rounded to bf16 (what a top-K that let a caller's bf16 autocast reach its matmul returns)
+    scores = (u.bfloat16() @ it.bfloat16().T).float()
+    rows = torch.arange(len(u))[:, None].expand_as(ex)
+    scores[rows[ex >= 0], ex[ex >= 0]] = float("-inf")
+    assert not gpu_check.compare_topk(u, it, ex, ref, scores.topk(10, dim=1))["ok"]
+    # topk_chunked called inside autocast (as validation does) is exact all the same
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rounded = retrieval._topk_device(u, it, 10, ex, 512)
-    assert not gpu_check.compare_topk(u, it, ex, ref, rounded)["ok"]
+        assert gpu_check.compare_topk(u, it, ex, ref, retrieval.topk_chunked(u, it, 10, ex, 512))["ok"]
 
 
 def test_weight_diff_and_resume_verdicts():
