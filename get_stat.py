@@ -7,20 +7,26 @@ Writes to the cache folder (atomically, each file renamed into place):
   item_feat.npy     (itemnum+1, F) int32 item sparse features, columns in sorted fid order, 0 = missing
   item_raw_id.npy   (itemnum+1,) int64   raw creative id of each re-id (for results in raw ids)
 and seq_offsets.pkl beside seq.jsonl when it is missing (else it is checked against the file). A second
-run on unchanged inputs does nothing.
+run on unchanged inputs does nothing. The outputs are those of json.loads line by line (tests/test_get_stat.py
+holds that reference): item features are those of each item's last record in the file; the schema's feature
+ids come from every record.
 
-Parsing: records.RAW_LINE_DECODER (msgspec's typed decoding) per line, then numpy over the columns of a
-block of lines; item features are decoded once per distinct text in a block. Every line the fast path
-cannot vouch for is decided by the strict parser (records.parse_line_strict): its error, or its records.
-Memory per process: one block of text and its records, plus the per-item arrays; nothing grows with the
-number of users (line offsets and user ids go to temporary files in the cache folder, sequence lengths
-into a histogram). Item features: those of each item's last record in the file.
+Parsing: each line by msgspec's typed decoding (records.RAW_LINE_DECODER, item features kept as raw text),
+then numpy over the columns of a block of lines; each distinct item feature text of a block is decoded once,
+all of them in one call (FeatureTable). A line the fast path cannot vouch for is decided by the strict parser
+(strict_line): its error message, or its records. Processes (--workers) each scan one byte range; their
+results merge in file order, and an error names the file's first bad line whichever process met it.
+Memory per process: one block of text and its records, plus the per-item arrays (about 8 + 8 + 4 per
+feature bytes an item: some 1.2 GB at 17.5M items and 13 features); nothing grows with the number of users:
+line offsets and user ids go to temporary files in the cache folder (the duplicate-user count is exact, one
+hash partition of the ids in memory at a time), sequence lengths into a histogram (exact percentiles).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -32,10 +38,11 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor, wait
 from operator import itemgetter
 from pathlib import Path
-from typing import Annotated, Optional, Union
+from typing import Annotated, Optional
 
 import msgspec
 import numpy as np
+from msgspec.structs import astuple
 from tqdm import tqdm
 
 from common import (STAT_FILE, DataError, atomic_save_json, atomic_save_npy, atomic_write, data_error, env_default,
@@ -50,9 +57,8 @@ INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MIN_RANGE_BYTES = 32 << 20  # by default, no more processes than ranges of this size
 USERS_PER_PARTITION_BYTES = 256 << 20  # one user-id partition per this much of seq.jsonl (duplicate count)
-TEXT_CACHE_MAX = 1 << 17  # distinct item feature texts remembered per process (about 1 KB each)
-_STORABLE = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT32_MAX)]  # item_feat.npy is int32; negatives: padding
-ITEM_FEATURES_DECODER = msgspec.json.Decoder(Optional[dict[str, Union[_STORABLE, str, list[_STORABLE]]]])
+MISSING = INT64_MIN  # in a FeatureTable: no int value
+_PRESENT_INT = Annotated[int, msgspec.Meta(ge=INT64_MIN + 1, le=INT32_MAX)]  # an item feature value other than MISSING
 
 
 def _fingerprint(path: Path) -> dict:
@@ -192,54 +198,85 @@ def _line_bounds(body: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _decode_text(text: bytes):
-    """One item_feature text -> its value (a dict, or None) when valid and storable, else False."""
+    """One item_feature text -> its value (a dict, or None) when valid and storable (ints within int32 or
+    negative), else False. The strict way, for the texts FeatureTable's types do not cover."""
     try:
-        value = ITEM_FEATURES_DECODER.decode(text)
-    except DecodeError:
-        try:
-            value = decode_features(text)  # what the fast types do not cover, decided strictly
-        except ValueError:
+        value = decode_features(text)
+    except ValueError:
+        return False
+    for v in (value or {}).values():
+        if any(x > INT32_MAX for x in (v if isinstance(v, list) else [v] if isinstance(v, int) else [])):
             return False
-        for v in (value or {}).values():
-            if any(x > INT32_MAX for x in (v if isinstance(v, list) else [v] if isinstance(v, int) else [])):
-                return False
-    return False if value and not keys_ok([value]) else value
+    return value
 
 
-class FeatureTexts:
-    """The item feature texts of one range. Each distinct text is decoded and checked once while remembered
-    (value False: refused), under a serial number that never repeats: an item whose last text is the one its
-    features were set from (same serial) is skipped."""
+class FeatureTable:
+    """The distinct item feature texts of a block as a (D, F) int64 matrix over the F feature ids known so far:
+    each text's int value of each feature (negative ones: -1 or below, padding) or MISSING (absent, a string, a
+    list; lists are kept apart). Texts whose values are all ints are decoded in C all at once (a msgspec Struct
+    with a field per feature id, read back as tuples, no per-value Python); the others one by one (_decode_text
+    decides them; a feature id not seen yet grows the type)."""
 
-    def __init__(self, itemnum: int):
-        self.values: dict[bytes, tuple] = {}  # text -> (a dict, None, or False: refused; serial)
-        self.serial = 0
-        self.applied = np.full(itemnum + 1, -1, np.int64)  # serial of the text each item's features are from
+    def __init__(self):
+        self.fids: list[str] = []  # in order of appearance
+        self._build()
 
-    def learn(self, text: bytes, value, st: RangeStats) -> None:
-        self.serial += 1
-        self.values[text] = (value, self.serial)
-        for fid, v in (value or {}).items():  # the schema sees each text once
-            if type(v) is int:
-                st.item_sparse.add(fid)
-            elif type(v) is list:
-                st.item_list_len[fid] = max(st.item_list_len.get(fid, 0), len(v))
+    def _build(self) -> None:
+        names = ["f" + fid for fid in self.fids]
+        self.type = msgspec.defstruct("ItemIntFeatures", [(n, _PRESENT_INT, MISSING) for n in names], gc=False,
+                                      rename=dict(zip(names, self.fids)), forbid_unknown_fields=True)
+        self.many = msgspec.json.Decoder(list[self.type])
+        self.one = msgspec.json.Decoder(Optional[self.type])
+        self.missing = (MISSING,) * len(self.fids)
 
-    def texts(self, ifeat: list, st: RangeStats) -> tuple[list[bytes], set[bytes]]:
-        """(the text of each record's item features, those refused); new distinct texts are decoded and checked."""
-        texts = list(map(bytes, ifeat))
-        refused = set()
-        for t in dict.fromkeys(texts):
-            if t not in self.values:
-                self.learn(t, _decode_text(t), st)
-            if self.values[t][0] is False:
-                refused.add(t)
-        return texts, refused
+    def decode(self, texts: list[bytes]) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(ints (D, F), refused (D,) bool, list values {(row, fid): list}) of distinct texts."""
+        refused, lists = np.zeros(len(texts), bool), {}
+        null = texts.index(b"null") if b"null" in texts else len(texts)  # at most once: the texts are distinct
+        try:
+            rows = self.many.decode(b"[" + b",".join(texts[:null] + texts[null + 1:]) + b"]")
+            values = itertools.chain.from_iterable(map(astuple, rows))
+            ints = np.fromiter(values, np.int64, len(rows) * len(self.fids)).reshape(len(rows), len(self.fids))
+            return np.insert(ints, null, MISSING, axis=0) if null < len(texts) else ints, refused, lists
+        except DecodeError:
+            pass
+        out, known, grown = [], set(self.fids), False
+        for r, t in enumerate(texts):
+            try:
+                row = self.one.decode(t)
+                out.append(astuple(row) if row is not None else self.missing)
+                continue
+            except DecodeError:
+                pass
+            value = _decode_text(t)  # a dict, None, or False (refused)
+            refused[r] = value is False
+            value = value or {}
+            new = [k for k in value if k not in known]
+            self.fids += new
+            known.update(new)
+            grown |= bool(new)
+            out.append(tuple(max(v, -1) if type(v) is int else MISSING for v in map(value.get, self.fids)))
+            lists.update(((r, k), v) for k, v in value.items() if type(v) is list)
+        if grown:  # read them all again with the grown type
+            self._build()
+            return self.decode(texts)
+        return self._matrix(out), refused, lists
+
+    def _matrix(self, rows: list[tuple]) -> np.ndarray:
+        return np.array(rows, np.int64).reshape(len(rows), len(self.fids))
+
+    def learn(self, ints: np.ndarray, refused: np.ndarray, lists: dict, st: RangeStats) -> None:
+        """The schema: feature ids with an int value anywhere; the longest list value of each feature id."""
+        present = (ints[~refused] != MISSING).any(axis=0)
+        st.item_sparse.update(fid for fid, p in zip(self.fids, present) if p)
+        for (_, fid), v in lists.items():
+            st.item_list_len[fid] = max(st.item_list_len.get(fid, 0), len(v))
 
 
-def _decode_lines(body: bytes, starts: list[int], ends: list[int], path: Path, st: RangeStats, ft: FeatureTexts):
+def _decode_lines(body: bytes, starts: list[int], ends: list[int], path: Path, itemnum: int):
     """(records of the lines in order, records per line, index of the first bad line or None). A line the
-    fast decoder cannot read goes to strict_line; its item features enter `ft` already decoded."""
+    fast decoder cannot read goes to strict_line; its item features become JSON text again (json.dumps, which
+    json.loads reads back as the same value)."""
     mv = memoryview(body)
     records, lens, bad = [], [], None
     for j, (s, e) in enumerate(zip(starts, ends)):
@@ -249,15 +286,11 @@ def _decode_lines(body: bytes, starts: list[int], ends: list[int], path: Path, s
             recs = None
         if not recs:
             try:
-                strict = strict_line(body[s:e], path, 0, st.itemnum)
+                strict = strict_line(body[s:e], path, 0, itemnum)
             except DataError:
                 bad = j
                 break
-            recs = []
-            for user, item, ufeat, ifeat, action, ts in strict:
-                text = json.dumps(ifeat).encode()  # one text per value: json.loads(text) == ifeat
-                ft.learn(text, ifeat, st)
-                recs.append((user, item, ufeat, text, action, ts))
+            recs = [(u, i, uf, json.dumps(f).encode(), a, t) for u, i, uf, f, a, t in strict]
         records.extend(recs)
         lens.append(len(recs))
     return records, lens, bad
@@ -278,63 +311,49 @@ def _wrong_records(cols: dict, st: RangeStats) -> np.ndarray:
     return np.concatenate(wrong)
 
 
-def _feature_columns(dicts: list[dict]) -> tuple[dict, dict]:
-    """Columns over feature dicts: fid -> (D,) int32 values (0 where missing, not an int, or negative), and
-    fid -> (D, MAX_ITEM_ARRAY_LEN) int32 slots of list values."""
-    sparse, arrays = {}, {}
-    for fid in set().union(*dicts):
-        vals = [d.get(fid) for d in dicts]
-        types = set(map(type, vals))
-        if int in types:
-            ints = vals if types <= {int, type(None)} else [v if type(v) is int else None for v in vals]
-            a = np.array(ints, np.float64)  # None -> nan; values are within int32 or negative (checked)
-            sparse[fid] = np.where(a > 0, a, 0).astype(np.int32)
-        if list in types:
-            slots = np.zeros((len(dicts), MAX_ITEM_ARRAY_LEN), np.int32)
-            for r, v in enumerate(vals):
-                if type(v) is list and v:
-                    head = v[:MAX_ITEM_ARRAY_LEN]
-                    slots[r, :len(head)] = np.maximum(np.array(head, np.float64), 0)
-            arrays[fid] = slots
-    return sparse, arrays
-
-
-def _fold_item_features(items: np.ndarray, iidx: np.ndarray, cols: dict, ft: FeatureTexts, st: RangeStats) -> None:
-    """Each item's last record in this block sets its features (a later block wins), unless its text is the
-    one they were set from."""
+def _fold_item_features(items: np.ndarray, iidx: np.ndarray, cols: dict, ft: FeatureTable, st: RangeStats) -> None:
+    """Each item's last record in this block sets its features (a later block wins); a feature absent from that
+    record (or not an int there) is missing."""
     last_items, first_rev = np.unique(items[::-1], return_index=True)
-    texts = cols["texts"]
-    entries = [ft.values[texts[k]] for k in iidx[len(items) - 1 - first_rev].tolist()]
-    serial = np.array([e[1] for e in entries], np.int64)
-    changed = np.flatnonzero(ft.applied[last_items] != serial)
-    if len(changed) == 0:
-        return
-    last_items = last_items[changed]
-    sparse, arrays = _feature_columns([entries[k][0] or {} for k in changed.tolist()])
-    for table, cols in ((st.item_feat, sparse), (st.item_array, arrays)):
-        for fid, col in table.items():
-            if fid not in cols:
-                col[last_items] = 0  # a feature absent from the item's last record is missing
-        for fid, vals in cols.items():
-            if fid not in table:
-                table[fid] = np.zeros((st.itemnum + 1,) + vals.shape[1:], np.int32)
-            table[fid][last_items] = vals
-    ft.applied[last_items] = serial[changed]
+    rows = cols["rows"][iidx[len(items) - 1 - first_rev]]  # (L,) distinct text of each item's last record
+    ints = cols["ints"][rows]  # (L, F)
+    for j, fid in enumerate(ft.fids):
+        if fid in st.item_sparse:
+            col = st.item_feat.get(fid)
+            if col is None:
+                col = st.item_feat[fid] = np.zeros(st.itemnum + 1, np.int32)
+            col[last_items] = np.maximum(ints[:, j], 0)  # MISSING and negatives: 0
+    array_fids = set(st.item_array) | {fid for _, fid in cols["lists"]}  # list values: rare (genres)
+    at = {}  # distinct text -> positions among the last records
+    for r, k in enumerate(rows.tolist() if array_fids else ()):
+        at.setdefault(k, []).append(r)
+    for fid in array_fids:
+        slots = np.zeros((len(rows), MAX_ITEM_ARRAY_LEN), np.int32)
+        for (k, f), v in cols["lists"].items():
+            if f == fid and v and k in at:
+                head = np.maximum(np.array(v[:MAX_ITEM_ARRAY_LEN], np.float64), 0)
+                slots[at[k], :len(head)] = head
+        if fid not in st.item_array:
+            st.item_array[fid] = np.zeros((st.itemnum + 1, MAX_ITEM_ARRAY_LEN), np.int32)
+        st.item_array[fid][last_items] = slots
 
 
-def _scan_block(body: bytes, st: RangeStats, path: Path, users: UserKeys, ft: FeatureTexts) -> np.ndarray | None:
+def _scan_block(body: bytes, st: RangeStats, path: Path, users: UserKeys, ft: FeatureTable) -> np.ndarray | None:
     """Fold one block of whole lines into `st`; returns the line starts within the block, or None after
     setting st.error (the block's first bad line)."""
     starts, ends = _line_bounds(body)
-    if len(ft.values) > TEXT_CACHE_MAX:
-        ft.values.clear()
-    records, lens, bad = _decode_lines(body, starts.tolist(), ends.tolist(), path, st, ft)
+    records, lens, bad = _decode_lines(body, starts.tolist(), ends.tolist(), path, st.itemnum)
     nlines = len(lens)
     item, ufeat, ifeat, action, ts = (list(map(itemgetter(k), records)) for k in range(1, 6))
     it = np.array(item, np.float64)  # None -> nan: a profile record
     prof = np.isnan(it)
-    texts, refused = ft.texts(ifeat, st)
-    cols = dict(item=it, action=np.array(action, np.float64), ufeat=ufeat, texts=texts, refused=refused,
+    texts = list(map(bytes, ifeat))
+    distinct = list(dict.fromkeys(texts))  # item features repeat: each distinct text is decoded once
+    ints, refused, lists = ft.decode(distinct)
+    row_of = dict(zip(distinct, range(len(distinct))))
+    cols = dict(item=it, action=np.array(action, np.float64), ufeat=ufeat, texts=texts, ints=ints, lists=lists,
+                rows=np.fromiter(map(row_of.__getitem__, texts), np.int64, len(texts)),
+                refused={distinct[r] for r in np.flatnonzero(refused)},
                 prof=prof, pidx=np.flatnonzero(prof), iidx=np.flatnonzero(~prof))
     line_of = np.repeat(np.arange(nlines), lens)  # (n,) line of each record
     wrong = line_of[_wrong_records(cols, st)].tolist()
@@ -362,6 +381,7 @@ def _scan_block(body: bytes, st: RangeStats, path: Path, users: UserKeys, ft: Fe
     st.unordered += len(np.unique(li[1:][back]))
     users.add([records[k][0] for k in (np.cumsum(lens) - lens).tolist()])
     if len(items):
+        ft.learn(ints, refused, lists, st)
         _fold_item_features(items, iidx, cols, ft, st)
     _user_features([ufeat[k] for k in cols["pidx"].tolist()], st)
     st.lines += nlines
@@ -390,7 +410,7 @@ def scan_range(path: Path, start: int, end: int, chunk_bytes: int, itemnum: int,
     progress(bytes done) returns False."""
     st = RangeStats(itemnum)
     users = UserKeys(folder, rank, partitions)
-    ft = FeatureTexts(itemnum)
+    ft = FeatureTable()
     gc_was = gc.isenabled()
     gc.disable()  # records are not cyclic; collecting while millions are alive costs more than parsing
     try:

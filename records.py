@@ -20,12 +20,11 @@ _ACTION = Annotated[int, msgspec.Meta(ge=0, le=2)]
 FEATURES = dict[str, Union[_INT64, str, list[_INT64]]]
 _RECORD = tuple[Union[_ID, str], Optional[_ID], Optional[FEATURES], Optional[FEATURES], Optional[_ACTION], _INT64]
 # get_stat keeps item features as raw JSON text: an item's features repeat on every line that has it, so
-# they are decoded (and validated) once per distinct text (FEATURES_DECODER), not once per record.
+# they are decoded (and validated) once per distinct text, not once per record.
 _RAW_RECORD = tuple[Union[_ID, str], Optional[_ID], Optional[FEATURES], msgspec.Raw, Optional[_ACTION], _INT64]
 LINE_DECODER = msgspec.json.Decoder(list[_RECORD])
 RAW_LINE_DECODER = msgspec.json.Decoder(list[_RAW_RECORD])
 FEATURES_DECODER = msgspec.json.Decoder(Optional[FEATURES])
-RAW_NULL = msgspec.Raw(b"null")
 DecodeError = msgspec.DecodeError  # also raised for a type or range mismatch (msgspec.ValidationError)
 
 ACTIONS = (0, 1, 2)
@@ -94,15 +93,15 @@ def parse_line_strict(text: str | bytes, path: str, lineno: int) -> list[list]:
     return records
 
 
-def shape_ok(records: list[tuple], ifeat_null: Any = None) -> bool:
+def shape_ok(records: list[tuple]) -> bool:
     """What typed decoding cannot say: item null <=> action null; a profile record (item null) has a null
-    item_feature (`ifeat_null`: None, or RAW_NULL for RAW_LINE_DECODER); an interaction has a null user_feature."""
+    item_feature; an interaction has a null user_feature."""
     _, items, ufeats, ifeats, actions, _ = zip(*records)
     n = len(items)
     if items[-1] is None and items.count(None) == 1:  # the usual line: interactions, then the profile record
-        return (actions[-1] is None and actions.count(None) == 1 and ifeats[-1] == ifeat_null
+        return (actions[-1] is None and actions.count(None) == 1 and ifeats[-1] is None
                 and ufeats.count(None) == n - 1 + (ufeats[-1] is None))
-    return all((i is None) == (a is None) and (uf is None if i is not None else f == ifeat_null)
+    return all((i is None) == (a is None) and (uf is None if i is not None else f is None)
                for i, a, uf, f in zip(items, actions, ufeats, ifeats))
 
 
@@ -113,16 +112,15 @@ def keys_ok(features: list[dict | None]) -> bool:
 
 
 def decode_features(text: bytes) -> dict | None:
-    """One item_feature value from its JSON text: FEATURES_DECODER, or where its types do not reach (an int
-    beyond 64 bits, a lone surrogate), json.loads with check_record's checks. ValueError when invalid."""
+    """One item_feature value from its JSON text, checked as check_record checks it: FEATURES_DECODER, or
+    where its types do not reach (an int beyond 64 bits, a lone surrogate) json.loads. ValueError when invalid."""
     try:
-        return FEATURES_DECODER.decode(text)
+        value = FEATURES_DECODER.decode(text)
     except DecodeError:
-        pass
-    try:
-        value = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(str(e)) from None
+        try:
+            value = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(str(e)) from None
     err = None if value is None else _check_features(value, "item_feature")
     if err:
         raise ValueError(err)

@@ -502,3 +502,20 @@ def test_scan_verdict_per_line_equals_strict(tmp_path, seed):
         if want is None:
             assert st.lines == 3 and st.num_events == around + events(recs)
     assert verdicts[True] > 20 and verdicts[False] > 100
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_feature_kinds_by_their_values(tmp_path, workers):
+    """A feature with only 0 or negative ints is sparse (all padding), one with strings only is not in the schema,
+    one with lists only is an array feature, one with both ints and lists is sparse; ints below -2**63 are
+    padding too (the strict path). Checked against the plain-json reference."""
+    lines = []
+    for u in range(1, 41):
+        feats = {"100": -u, "101": "cold", "102": [u % 3, 1], "103": 0, "104": [1] if u % 2 else 5}
+        if u == 7:
+            feats["100"] = -(2**70)
+        lines.append(json.dumps([item_rec(u, u % 5 + 1, 0, 100 + u, feats), profile_rec(u, 100 + u, {"106": [u % 4]})]))
+    data = write_data(tmp_path / "data", [], 6, users=40, raw_lines=lines)
+    stat = _run(data, tmp_path / "cache", 600, workers)
+    assert list(stat["schema"]["item_sparse"]) == ["100", "103", "104"] and list(stat["schema"]["item_array"]) == ["102"]
+    _check_against_reference(data, tmp_path / "cache", stat)
