@@ -92,6 +92,17 @@ def equals_plain(plain: Path, cache: Path) -> bool:
                 float(np.percentile(lengths, 50)), float(np.percentile(lengths, 95))])
 
 
+def _shown_args(args: list[str]) -> list[str]:
+    """The command's arguments without --workdir (where the data is kept; no effect on the figures)."""
+    out, skip = [], False
+    for x in args:
+        if skip or x == "--workdir" or x.startswith("--workdir="):
+            skip = x == "--workdir"
+            continue
+        out.append(x)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=200_000)
@@ -137,7 +148,7 @@ def main() -> None:
     table = "\n".join([
         f"Preprocessing {a.users:,} users, {events:,} events, {a.items:,} items, {mb:.0f} MB of seq.jsonl; "
         f"identical outputs (every get_stat run, and the plain pass's counts): {same}", "",
-        f"- command: `python bench/preprocess.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/preprocess.py {' '.join(_shown_args(sys.argv[1:]))}`",
         f"- date: {datetime.date.today().isoformat()}; {os.cpu_count()} CPUs ({platform.machine()}), Python "
         f"{platform.python_version()}, msgspec {msgspec.__version__}, numpy {np.__version__}; 1/5/15-min load average "
         f"{' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} after; "
