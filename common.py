@@ -10,7 +10,7 @@ import pickle
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +69,112 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain containers, numbers and strings are allowed")
 
 
-def iter_line_blocks(f: io.BufferedIOBase, chunk_bytes: int) -> Iterator[bytes]:
+def iter_line_blocks(f: io.BufferedIOBase, chunk_bytes: int, limit: int | None = None) -> Iterator[bytes]:
     """Blocks of whole lines, about chunk_bytes each, from a binary file (bounded memory); a last line
-    without a newline ends the last block."""
+    without a newline ends the last block. With `limit`, at most that many bytes from the current position
+    (a byte range that ends at a line boundary)."""
     rest = b""
     while True:
-        block = f.read(chunk_bytes)
-        buf = rest + block
-        if not buf:
+        n = chunk_bytes if limit is None else min(chunk_bytes, limit)
+        block = f.read(n) if n > 0 else b""
+        if limit is not None:
+            limit -= len(block)
+        if not block:
+            if rest:
+                yield rest
             return
-        end = buf.rfind(b"\n") + 1 if block else len(buf)
+        end = block.rfind(b"\n") + 1
         if end:
-            yield buf[:end]
-        rest = buf[end:]
+            yield rest + block[:end] if rest else block[:end] if end < len(block) else block  # one copy at most
+            rest = block[end:]
+        else:
+            rest += block  # a line longer than the chunk
+
+
+def write_int_list_pickle(f: io.BufferedIOBase, arrays: Iterable[Any]) -> None:
+    """Pickle a list of ints that arrive as int64 arrays, without building the list: the opcodes pickle.dump
+    writes for a list (protocol 4, appends in batches of 1000), so pickle.load and safe_load_pickle read it
+    back as a plain list. The bytes depend on the ints alone, not on how they were split into arrays."""
+    import numpy as np
+
+    small = np.dtype([("op", "u1"), ("v", "<i4")])  # BININT: a 4-byte signed int
+    large = np.dtype([("op", "u1"), ("n", "u1"), ("v", "<i8")])  # LONG1 of 8 bytes: any int64
+
+    def batch(b: np.ndarray) -> bytes:
+        fits = b.min() >= -2**31 and b.max() < 2**31
+        rec = np.empty(len(b), small if fits else large)
+        rec["op"], rec["v"] = (ord("J"), b) if fits else (0x8A, b)
+        if not fits:
+            rec["n"] = 8
+        return b"(" + rec.tobytes() + b"e"  # MARK, the ints, APPENDS
+
+    f.write(b"\x80\x04]")  # PROTO 4, EMPTY_LIST
+    rest = np.zeros(0, np.int64)
+    for a in arrays:
+        rest = np.concatenate([rest, np.asarray(a, np.int64)])
+        full = len(rest) // 1000 * 1000
+        for s in range(0, full, 1000):
+            f.write(batch(rest[s:s + 1000]))
+        rest = rest[full:]
+    if len(rest):
+        f.write(batch(rest))
+    f.write(b".")
+
+
+def iter_int_list_pickle(path: str | os.PathLike, batch: int = 1 << 16) -> Iterator[Any]:
+    """The ints of a pickled list of ints as int64 arrays of up to `batch`, read opcode by opcode from a
+    memory map (nothing is executed, and memory is bounded by `batch`). A pickle of another shape is loaded
+    whole by safe_load_pickle (which names what is wrong with it) when that shows before the first batch."""
+    import mmap
+    import struct
+
+    import numpy as np
+
+    fixed = {0x4A: struct.Struct("<i"), 0x4B: struct.Struct("<B"), 0x4D: struct.Struct("<H")}  # BININT, 1, 2
+    skip = {0x28: 0, 0x61: 0, 0x65: 0, 0x94: 0, 0x71: 1, 0x72: 4}  # MARK, APPEND(S), MEMOIZE, (LONG_)BINPUT
+    buf, started, listed, pos = [], False, False, 0
+    with open(path, "rb") as f, contextlib.suppress(ValueError):  # an empty file cannot be mapped
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            n = len(mm)
+            try:
+                while pos < n:
+                    op = mm[pos]
+                    pos += 1
+                    s = fixed.get(op)
+                    if s is not None and listed:
+                        buf.append(s.unpack_from(mm, pos)[0])
+                        pos += s.size
+                    elif op == 0x8A and listed:  # LONG1: a length byte, then little-endian two's complement
+                        k = mm[pos]
+                        buf.append(int.from_bytes(mm[pos + 1:pos + 1 + k], "little", signed=True))
+                        pos += 1 + k
+                    elif op in (0x49, 0x4C) and listed:  # INT, LONG: decimal text to a newline
+                        end = mm.find(b"\n", pos)
+                        buf.append(int(mm[pos:end].rstrip(b"L")))
+                        pos = end + 1
+                    elif op in skip and listed:
+                        pos += skip[op]
+                    elif op == 0x5D and not listed:  # EMPTY_LIST
+                        listed = True
+                    elif op in (0x80, 0x95) and not listed:  # PROTO, FRAME
+                        pos += 1 if op == 0x80 else 8
+                    elif op == 0x2E and listed:  # STOP
+                        yield np.array(buf, np.int64)
+                        return
+                    else:
+                        raise ValueError(f"opcode {op:#x} at byte {pos - 1}")
+                    if len(buf) == batch:
+                        yield np.array(buf, np.int64)
+                        buf, started = [], True
+                raise ValueError("no STOP opcode")
+            except (ValueError, IndexError, struct.error) as e:
+                if started:
+                    raise data_error(path, None, f"expected a pickled list of ints ({e})") from None
+    obj = safe_load_pickle(path)  # not the usual shape: whole, through the restricted unpickler
+    try:
+        yield np.asarray(obj if isinstance(obj, (list, tuple)) else None, np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise data_error(path, None, f"expected a list of ints, got {type(obj).__name__}") from None
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
