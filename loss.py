@@ -42,6 +42,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
@@ -381,15 +382,15 @@ def _full_chunk_loss(q: Tensor, pos: Tensor, rseq: Tensor, items: Tensor, row_se
     with torch.autocast(device_type=q.device.type, enabled=False):  # logits in (at least) fp32
         qs = q.to(items.dtype) * inv_tau  # (r, D)
         logits = qs @ items.T  # (r, M+1)
-        pos_logit = (qs * items[pos]).sum(1)  # (r,)
-        if mask_seq:  # every positive of the row's sequence (its own included) and item 0
+        if mask_seq:  # every other positive of the row's sequence, and item 0
             masked = _masked_columns(rseq, row_seq, pos_ids, None, items.shape[0], has_pad=True)  # (r, M+1)
-        else:  # item 0 and the row's own positive, which enters once, as pos_logit
-            masked = torch.zeros(logits.shape, dtype=torch.bool, device=q.device)
-            masked[:, 0] = True
-            masked[torch.arange(q.shape[0], device=q.device), pos] = True
-        logits.masked_fill_(masked, float("-inf"))  # in place: the matmul's backward needs only its inputs
-        return (torch.logaddexp(torch.logsumexp(logits, dim=1), pos_logit) - pos_logit).sum()
+            masked[torch.arange(q.shape[0], device=q.device), pos] = False  # the row's own positive: the target
+            logits.masked_fill_(masked, float("-inf"))  # in place: the matmul's backward needs only its inputs
+        else:
+            logits[:, 0] = float("-inf")
+        # cross_entropy's fused log-softmax: the target column is the positive, so this is logsumexp([pos,
+        # unmasked negatives]) - pos, with a few passes over the (r, M+1) logits instead of a dozen
+        return F.cross_entropy(logits, pos, reduction="sum")
 
 
 def full_softmax_loss(query: Tensor, pos_ids: Tensor, item_vectors: Tensor, row_seq: Tensor | None = None,
