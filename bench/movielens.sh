@@ -39,10 +39,9 @@ for MODEL in ${MODELS:-hstu sasrec}; do
     --temperature 0.05 --curriculum none --neg-active-days 0 --val-split last --val-users 6040 \
     --max-steps "$STEPS" --eval-every $((STEPS / 6)) --keep-last 1 ${TRAIN_ARGS:-}
   train_s=$(( $(date +%s) - start ))
-  # the checkpoint chosen on validation (second-to-last items); the test items were never seen
-  best=$("$PYTHON" -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True)['best']['step'])" \
-         "$(ls -d "$RUN"/ckpt/global_step* | sort -V | tail -1)/ckpt.pt")
-  "$PYTHON" -u infer.py --model-dir "$RUN/ckpt/global_step$best" --eval-dir "$ML/eval" --result-dir "$RUN" --topk 200
+  # the checkpoint chosen on validation (second-to-last items; best.json): the test items were never seen
+  best=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['step'])" "$RUN/ckpt/best.json")
+  "$PYTHON" -u infer.py --model-dir "$RUN/ckpt" --eval-dir "$ML/eval" --result-dir "$RUN" --topk 200
   "$PYTHON" -u evaluate.py --result "$RUN/result.json" --ground-truth "$ML/eval/ground_truth.json" --k 10 50 200 \
     --out "$RUN/metrics.json"
   "$PYTHON" - "$RUN/metrics.json" "${NAME:-$MODEL}" "$best" "$train_s" >> "$OUT/summary.md" <<'PY'
