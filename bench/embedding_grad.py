@@ -49,6 +49,7 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common import atomic_write  # noqa: E402
 from id_update import RowWiseAdamW, rowwise_reference  # noqa: E402
 
 Tensor = torch.Tensor
@@ -343,11 +344,8 @@ def main(argv: list[str] | None = None) -> str:
     lines += scaling_lines(results, args.target_rows) + extra + conclusion(results, ex, args)
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    with atomic_write(args.out, "w") as f:
+        f.write(text)
     return text
 
 

@@ -49,6 +49,7 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common import atomic_write  # noqa: E402
 from loss import CHUNK_LOGITS  # noqa: E402
 from model import PRESETS, HSTUModel, ModelConfig  # noqa: E402
 
@@ -175,6 +176,16 @@ def saved_bytes(model: HSTUModel, batch: dict, amp: bool) -> dict[str, int]:
     return res
 
 
+def peak_bytes(prof) -> int:
+    """Peak of the live allocations a torch.profiler run (profile_memory=True) recorded, in bytes."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def forward_peak_bytes(model: HSTUModel, batch: dict, amp: bool) -> int:
     """Directly measured: the peak of CPU allocator bytes live during train_forward (profiler memory events),
     above what was live when it started. An independent check of saved_bytes (which misses transients)."""
@@ -185,12 +196,7 @@ def forward_peak_bytes(model: HSTUModel, batch: dict, amp: bool) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             res = train_forward(model, batch)
     del res
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return peak_bytes(prof)
 
 
 @dataclasses.dataclass
@@ -270,12 +276,7 @@ def loss_peak_measured(rows: int, dim: int, chunk_rows: int | None = None, hard_
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         loss = sampled_softmax_loss(q, p, ids, row_seq, n, neg_ids, log_q, hard_k=hard_k, chunk_rows=chunk_rows)
         loss.backward()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return peak_bytes(prof)
 
 
 # --------------------------------------------------------------------------- host: Python object costs, measured
@@ -631,11 +632,8 @@ def main(argv: list[str] | None = None) -> str:
     text = "\n".join(lines) + "\n"
     text = text.replace("{load1}", f"{os.getloadavg()[0]:.1f}").replace("{secs}", f"{time.time() - t0:.0f}")
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    with atomic_write(args.out, "w") as f:
+        f.write(text)
     return text
 
 
