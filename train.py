@@ -101,9 +101,10 @@ class TrainConfig:
                              "0.1 for small: a narrow model cannot spread its cosines over a 0.01 scale)")
     log_q_alpha: float = opt(None, "log-q: q proportional to count^alpha; 0 disables it (default: 0.75 for "
                              "--log-q-mode all, 1 for source and mixture, where q is the in-batch sampler itself)")
-    log_q_mode: str = opt("all", "log-q correction: 'all' (every logit minus log q, the positive's too), 'source' "
-                          "(each negative by the sampler that drew it: in-batch by q, global by 1 / pool size), "
-                          "'mixture' (every negative by the mixture of both samplers), 'none'",
+    log_q_mode: str = opt("mixture", "log-q correction: 'mixture' (every negative by the mixture of both "
+                          "samplers), 'source' (each negative by the sampler that drew it: in-batch by q, global by "
+                          "1 / pool size), 'all' (the reference's: every logit minus log q, the positive's too), "
+                          "'none'",
                           choices=list(LOG_Q_MODES))
     negatives: str = opt("mixed", "negative columns: 'mixed' (global and in-batch), 'in-batch' or 'global'",
                          choices=list(NEGATIVES))
