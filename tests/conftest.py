@@ -51,3 +51,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def two_threads():
+    """For the CPU top-K path, which runs its user blocks in threads: two keep that path exercised."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)

@@ -29,12 +29,7 @@ TINY = ModelConfig(id_dim=8, feat_dim=4, hidden=16, num_layers=1, num_heads=2, m
                    emb_dropout=0.0, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)  # the CPU top-K path runs blocks in threads: keep two so it is exercised
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("two_threads")  # the CPU top-K path runs blocks in threads
 
 
 def test_history_positions():

@@ -9,12 +9,7 @@ import torch
 import retrieval
 
 
-@pytest.fixture(autouse=True)
-def few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)  # the CPU top-K path runs blocks in threads: keep two so it is exercised
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("two_threads")  # the CPU top-K path runs blocks in threads
 
 
 @pytest.fixture
