@@ -379,9 +379,10 @@ def _full_chunk_loss(q: Tensor, pos: Tensor, rseq: Tensor, items: Tensor, row_se
                      inv_tau: float, mask_seq: bool) -> Tensor:
     """Sum over the chunk's rows of logsumexp([pos, every unmasked item]) - pos. q (r, D); pos (r,) the chunk's
     positive ids; items (M+1, D); row_seq (R,), pos_ids (R,) of every row (for the sequences' positives)."""
-    with torch.autocast(device_type=q.device.type, enabled=False):  # logits in (at least) fp32
-        qs = q.to(items.dtype) * inv_tau  # (r, D)
-        logits = qs @ items.T  # (r, M+1)
+    with torch.autocast(device_type=q.device.type, enabled=False):  # the softmax in (at least) fp32
+        # items may be bf16 (autocast): the matmul runs in it, its logits are upcast before anything else
+        logits = (q * inv_tau).to(items.dtype) @ items.T  # (r, M+1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if mask_seq:  # every other positive of the row's sequence, and item 0
             masked = _masked_columns(rseq, row_seq, pos_ids, None, items.shape[0], has_pad=True)  # (r, M+1)
             masked[torch.arange(q.shape[0], device=q.device), pos] = False  # the row's own positive: the target
@@ -412,8 +413,12 @@ def full_softmax_loss(query: Tensor, pos_ids: Tensor, item_vectors: Tensor, row_
         return query.sum() * 0.0 + item_vectors.sum() * 0.0
     if mask_seq_positives and row_seq is None:
         raise ValueError("full_softmax_loss: mask_seq_positives needs row_seq (the sequence of each row)")
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    with torch.autocast(device_type=query.device.type, enabled=False):
+    dev = query.device.type
+    # under autocast the logits matmul, the loss's largest cost, runs in its dtype (bf16: the fast path on GPUs and
+    # on CPUs with AVX512-BF16); the log-softmax, its mask and the loss stay fp32 either way
+    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+             else torch.promote_types(query.dtype, torch.float32))
+    with torch.autocast(device_type=dev, enabled=False):
         items = item_vectors.to(dtype)  # (M+1, D)
     pos_ids = pos_ids.long()
     row_seq = (row_seq if row_seq is not None else torch.zeros_like(pos_ids)).long()

@@ -69,6 +69,7 @@ class TrainConfig:
     rab_time: str = opt(None, "HSTU time bias from the query token's own time ('input') or the time of the item "
                         "it predicts ('target', the HSTU paper's) (default: the preset's)", choices=["input", "target"])
     num_time_buckets: int = opt(None, "log buckets of |dt| for the HSTU time bias (default: the preset's)")
+    id_dim: int = opt(None, "width of the item-id embedding (default: the preset's)")
     id_init_std: float = opt(None, "std of the item-id embedding's initialisation, 0 = zeros (default: the preset's)")
     item_feats: bool = opt(None, "item features in the item tower (--no-item-feats: ids and dense inputs only) "
                            "(default: the preset's)")
@@ -133,6 +134,9 @@ class TrainConfig:
     # system
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     compile: bool = opt(False, "torch.compile the sequence encoder (static shapes; the first steps compile)")
+    amp: str = opt("auto", "bfloat16 autocast: 'on', 'off', or 'auto' (on for CUDA). Under it the full softmax's "
+                   "logits matmul runs in bf16 too (its softmax stays fp32). On a CPU with AVX512-BF16 'on' made a "
+                   "MovieLens-sized step 1.24x faster (bench/train_step_results.md)", choices=["auto", "on", "off"])
     num_workers: int = opt(None, "data-loading worker processes (default: the CPU cores per local rank - 1, at "
                            "most 8)")
     dist_timeout_min: float = opt(120.0, "torchrun only: minutes a rank waits for the others (rank 0 validates "
@@ -152,7 +156,7 @@ TRAIN_PRESETS = {"reference": dict(max_steps=130_000, batch_size=232, lr=1e-3, t
                                    curriculum=DEFAULT_CURRICULUM),
                  "small": dict(epochs=20.0, batch_size=64, lr=2e-3, temperature=0.1, curriculum="none")}
 MODEL_OPTIONS = ("model", "hidden", "num_layers", "num_heads", "maxlen", "dropout", "id_dropout", "emb_dropout",
-                 "attn_norm", "rab_time", "num_time_buckets", "id_init_std", "item_feats", "exclude_item_feats")
+                 "attn_norm", "rab_time", "num_time_buckets", "id_dim", "id_init_std", "item_feats", "exclude_item_feats")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -573,7 +577,7 @@ def evaluate_step(cfg: TrainConfig, run: RunData, core: HSTUModel, val_loader: D
 def fit(cfg: TrainConfig, run: RunData, model, core: HSTUModel, optim: Optimizers, step: int, best: dict,
         resumed: bool, d: Dist, device: torch.device) -> tuple[int, dict | None]:
     """eval -> save -> step -> log, from `step` to the end (or --stop-at) -> (the last step, its validation)."""
-    amp = device.type == "cuda"
+    amp = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda")
     log_q = in_batch_log_q(cfg, run.item_count).to(device)
     log_q_global = log_q_uniform(run.train_ds.pool.items, len(run.item_count)).to(device)  # the global sampler's
     table = item_table(run.item_feat, run.item_count > 0, run.mm, device) if run.full_softmax else None

@@ -21,12 +21,13 @@ ML="$OUT/ml-1m"
 "$PYTHON" -u get_stat.py --data-dir "$ML/data" --cache-dir "$ML/cache"
 
 case "${PROFILE:-cpu}" in
-  # 2 layers of width 64, maxlen 200 (as the paper's ML-1M runs), 2048 shared candidates a step
+  # 2 layers of width 64, maxlen 200 (as the paper's ML-1M runs), ids as wide as the model, lr 2e-3 (both won at
+  # the step-500 cut, BENCHMARKS.md); 3,706 items: the full softmax (2,048 sampled columns with --full-softmax off)
   cpu) PROFILE_ARGS=(--preset small --hidden 64 --num-layers 2 --num-heads 2 --batch-size 64 --device cpu
-                     --max-candidates 2048 --num-workers 0)
+                     --max-candidates 2048 --num-workers 0 --id-dim 64 --lr 2e-3)
        STEPS="${STEPS:-3000}" ;;
   gpu) PROFILE_ARGS=(--preset small --hidden 256 --num-layers 8 --num-heads 4 --batch-size 128 --device cuda
-                     --max-candidates 0)
+                     --max-candidates 0 --lr 1e-3)
        STEPS="${STEPS:-10000}" ;;
   *) echo "PROFILE must be cpu or gpu" >&2; exit 2 ;;
 esac
@@ -35,7 +36,7 @@ for MODEL in ${MODELS:-hstu sasrec}; do
   RUN="$OUT/${NAME:-$MODEL}"
   start=$(date +%s)
   "$PYTHON" -u main.py --data-dir "$ML/data" --cache-dir "$ML/cache" --ckpt-dir "$RUN/ckpt" --log-dir "$RUN/logs" \
-    --tf-dir "$RUN/tf" --model "$MODEL" "${PROFILE_ARGS[@]}" --maxlen 200 --dropout 0.2 --lr 1e-3 \
+    --tf-dir "$RUN/tf" --model "$MODEL" "${PROFILE_ARGS[@]}" --maxlen 200 --dropout 0.2 \
     --temperature 0.05 --curriculum none --neg-active-days 0 --val-split last --val-users 6040 \
     --max-steps "$STEPS" --eval-every $((STEPS / 6)) --keep-last 1 ${TRAIN_ARGS:-}
   train_s=$(( $(date +%s) - start ))

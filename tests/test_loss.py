@@ -501,6 +501,25 @@ def test_full_softmax_matches_reference(mask_seq_positives, chunk_rows):
         assert torch.isfinite(v1) and v1 > 0
 
 
+@pytest.mark.parametrize("chunk_rows", [4, None])
+def test_full_softmax_under_bf16_autocast_is_the_fp32_loss_to_bf16_precision(chunk_rows):
+    """Under CPU autocast the logits matmul runs in bf16 (the fast path on AVX512-BF16) and everything after it
+    in fp32: value and gradients agree with the float64 reference to bf16's precision, and do differ from it
+    (the matmul did run in bf16)."""
+    rows = make_full(25, dtype=torch.float32)
+    kw = dict(temperature=0.05, chunk_rows=chunk_rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v1, g1 = full_value_and_grads(full_softmax_loss, rows, **kw)
+    assert v1.dtype == torch.float32
+    ref = {k: v.detach().double().requires_grad_() if torch.is_floating_point(v) else v for k, v in rows.items()}
+    v2, g2 = full_value_and_grads(full_softmax_loss_reference, ref, **kw)
+    torch.testing.assert_close(v1.double(), v2, rtol=1e-2, atol=0)
+    assert (v1.double() - v2).abs() > 1e-5 * v2  # bf16 is ~1e-4 off here; fp32 would agree to ~1e-7
+    for a, b, name in zip(g1, g2, ("query", "item_vectors")):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=0.03 * b.abs().max().item(), msg=name)
+    assert g1[1][0].abs().max() == 0  # padding gets no gradient
+
+
 def test_full_softmax_is_cross_entropy_without_mask():
     rows = make_full(22)
     logits = rows["query"] @ rows["item_vectors"][1:].T / 0.05  # (R, M): items 1..M

@@ -118,6 +118,22 @@ def test_resaving_a_step_replaces_it_only_once_the_new_one_is_complete(sample, m
     assert (ck / "global_step2" / "model.pt").read_bytes() != old and not list(ck.glob(".global_step*"))
 
 
+def _logged_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "logs" / "train.log").read_text().splitlines()
+    return [float(l.split(" loss ")[1].split()[0]) for l in lines if " loss " in l]
+
+
+def test_amp_on_a_cpu_trains_in_bf16_close_to_fp32(sample):
+    """--amp on reaches the CPU step (autocast, the full softmax's bf16 logits): from the same seed its losses
+    track the fp32 run's to bf16 precision without being the fp32 run."""
+    extra = ["--max-steps", "4", "--eval-every", "4", "--full-softmax", "on"]
+    for run, amp in (("fp32", "off"), ("bf16", "on")):
+        train.main(args(sample, run, *extra, "--amp", amp))
+    fp32, bf16 = _logged_losses(sample / "fp32"), _logged_losses(sample / "bf16")
+    assert len(fp32) == len(bf16) == 4
+    assert np.allclose(bf16, fp32, rtol=2e-2) and bf16 != fp32, (fp32, bf16)
+
+
 def test_learns_beyond_popularity(tmp_path):
     # interests over latent topics are learnable; popularity alone is not enough (DESIGN §5)
     generate(str(tmp_path), users=1500, items=600, seed=11, progress=False)
