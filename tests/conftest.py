@@ -44,19 +44,20 @@ def shared_fixtures() -> Path:
     return SHARED
 
 
+def _torch_threads(k: int):
+    n = torch.get_num_threads()
+    torch.set_num_threads(k)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def one_thread():
     """For tests of tiny tensors: intra-op threads only add sync overhead (and stall on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    yield from _torch_threads(1)
 
 
 @pytest.fixture
 def two_threads():
     """For the CPU top-K path, which runs its user blocks in threads: two keep that path exercised."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+    yield from _torch_threads(2)

@@ -49,6 +49,11 @@ def _final_state(ckpt_dir: Path, step: int) -> dict:
     return checkpoint.load_checkpoint(ckpt_dir / f"global_step{step}" / "ckpt.pt")
 
 
+def _loss_lines(run_dir: Path) -> list[str]:
+    """The training log's per-step lines ("... step N loss X lr ...")."""
+    return [l for l in (run_dir / "logs" / "train.log").read_text().splitlines() if " loss " in l]
+
+
 def test_resume_equals_uninterrupted(sample):
     # 8 steps straight, against 4 steps, stop, resume, 4 more; the curriculum reaches hard negatives
     extra = ["--max-steps", "8", "--eval-every", "4", "--curriculum", "20000:64:0.5,130000:8:0.25"]
@@ -64,8 +69,8 @@ def test_resume_equals_uninterrupted(sample):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert a["best"]["metrics"] == b["best"]["metrics"]
-    log_a = [l.split(" ", 2)[2] for l in (sample / "a" / "logs" / "train.log").read_text().splitlines() if " loss " in l]
-    log_b = [l.split(" ", 2)[2] for l in (sample / "b" / "logs" / "train.log").read_text().splitlines() if " loss " in l]
+    log_a = [l.split(" ", 2)[2] for l in _loss_lines(sample / "a")]
+    log_b = [l.split(" ", 2)[2] for l in _loss_lines(sample / "b")]
     strip = lambda lines: [" ".join(l.split()[:4]) for l in lines]  # step N loss X (throughput differs)
     assert strip(log_a) == strip(log_b) and len(log_a) == 8
 
@@ -119,8 +124,7 @@ def test_resaving_a_step_replaces_it_only_once_the_new_one_is_complete(sample, m
 
 
 def _logged_losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "logs" / "train.log").read_text().splitlines()
-    return [float(l.split(" loss ")[1].split()[0]) for l in lines if " loss " in l]
+    return [float(l.split(" loss ")[1].split()[0]) for l in _loss_lines(run_dir)]
 
 
 def test_amp_on_a_cpu_trains_in_bf16_close_to_fp32(sample):
