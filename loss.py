@@ -375,23 +375,56 @@ def full_softmax_fits(num_items: int, rows: int, num_columns: int | None = None,
     return num_items <= factor * c
 
 
+class _FullSoftmaxChunk(torch.autograd.Function):
+    """Σ over rows of logsumexp(logits) - logits[pos], logits = (q·inv_tau) @ items.T with masked columns -inf.
+    Fused by hand because autograd's log-softmax + NLL (F.cross_entropy) was the loss's largest cost on a CPU: it
+    keeps the log-probabilities, builds a dense one-hot gradient and exponentiates again in backward. Here the
+    forward turns the logits into the softmax in place and keeps only that; the backward subtracts the one-hot
+    and runs the two matmuls: one (r, M+1) fp32 block kept (no mask, no dense one-hot gradient beside it) and a
+    few passes fewer over it (bench/loss.py --section full times the two side by side)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, items: Tensor, pos: Tensor, masked: Tensor | None, inv_tau: float) -> Tensor:
+        qs = (q * inv_tau).to(items.dtype)  # (r, D); items (M+1, D), maybe bf16: the matmul runs in it
+        logits = (qs @ items.T).to(torch.promote_types(items.dtype, torch.float32))  # (r, M+1)
+        rows = torch.arange(q.shape[0], device=q.device)
+        pos_logit = logits[rows, pos]  # (r,) the target is never masked
+        if masked is None:
+            logits[:, 0] = float("-inf")
+        else:
+            logits.masked_fill_(masked, float("-inf"))
+        top = logits.amax(dim=1, keepdim=True)  # (r, 1) finite: the positive is there
+        prob = logits.sub_(top).exp_()  # (r, M+1) in place: the logits are not needed again
+        total = prob.sum(dim=1, keepdim=True)  # (r, 1)
+        prob.div_(total)
+        ctx.save_for_backward(qs, items, pos, prob)
+        ctx.inv_tau, ctx.q_dtype, ctx.done = inv_tau, q.dtype, False
+        return (top.squeeze(1) + total.squeeze(1).log() - pos_logit).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        if ctx.done:  # the saved softmax became the gradient in place: a second backward would be wrong
+            raise RuntimeError("full_softmax_loss: backward through the same graph twice is not supported")
+        ctx.done = True
+        qs, items, pos, prob = ctx.saved_tensors
+        prob[torch.arange(prob.shape[0], device=prob.device), pos] -= 1.0  # d loss / d logits = softmax - onehot
+        g_logits = prob.mul_(grad).to(items.dtype)  # (r, M+1)
+        g_q = (g_logits @ items).mul_(ctx.inv_tau).to(ctx.q_dtype)  # (r, D)
+        g_items = g_logits.T @ qs  # (M+1, D)
+        return g_q, g_items, None, None, None
+
+
 def _full_chunk_loss(q: Tensor, pos: Tensor, rseq: Tensor, items: Tensor, row_seq: Tensor, pos_ids: Tensor, *,
                      inv_tau: float, mask_seq: bool) -> Tensor:
     """Sum over the chunk's rows of logsumexp([pos, every unmasked item]) - pos. q (r, D); pos (r,) the chunk's
     positive ids; items (M+1, D); row_seq (R,), pos_ids (R,) of every row (for the sequences' positives)."""
     with torch.autocast(device_type=q.device.type, enabled=False):  # the softmax in (at least) fp32
-        # items may be bf16 (autocast): the matmul runs in it, its logits are upcast before anything else
-        logits = (q * inv_tau).to(items.dtype) @ items.T  # (r, M+1)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        masked = None
         if mask_seq:  # every other positive of the row's sequence, and item 0
             masked = _masked_columns(rseq, row_seq, pos_ids, None, items.shape[0], has_pad=True)  # (r, M+1)
             masked[torch.arange(q.shape[0], device=q.device), pos] = False  # the row's own positive: the target
-            logits.masked_fill_(masked, float("-inf"))  # in place: the matmul's backward needs only its inputs
-        else:
-            logits[:, 0] = float("-inf")
-        # cross_entropy's fused log-softmax: the target column is the positive, so this is logsumexp([pos,
-        # unmasked negatives]) - pos, with a few passes over the (r, M+1) logits instead of a dozen
-        return F.cross_entropy(logits, pos, reduction="sum")
+        return _FullSoftmaxChunk.apply(q, items, pos, masked, inv_tau)
 
 
 def full_softmax_loss(query: Tensor, pos_ids: Tensor, item_vectors: Tensor, row_seq: Tensor | None = None,

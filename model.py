@@ -248,17 +248,18 @@ class HSTULayer(nn.Module):
                 nn.init.zeros_(emb.weight)
 
     def rab(self, ts: Tensor, buckets: Tensor | None = None) -> Tensor:
-        # ts (B, N) -> relative attention bias (B, H, N, N)
+        # ts (B, N) -> relative attention bias (B, H, N, N), a view whose (N, N) blocks are contiguous
         if buckets is None:
             buckets = time_buckets(ts, self.num_buckets, self.max_dt)
         # index_select, not the Embedding call: its backward is one index_add, where Embedding's dense
-        # backward sorts the B·N·N indices first (~10x slower on the CPU for a table of a few dozen rows)
-        bias = self.ts_bias.weight.index_select(0, buckets.reshape(-1)).view(*buckets.shape, -1)  # (B, N, N, H)
+        # backward sorts the B·N·N indices first (~10x slower on the CPU for a table of a few dozen rows);
+        # gathered head-major, so no (B, N, N, H) -> (B, H, N, N) copy follows
+        bias = self.ts_bias.weight.T.index_select(1, buckets.reshape(-1)).view(-1, *buckets.shape)  # (H, B, N, N)
         if self.pos_bias is not None:
             i = torch.arange(ts.shape[1], device=ts.device)
             rel = (i[:, None] - i[None, :]).clamp(0, self.pos_bias.num_embeddings - 1)  # (N, N)
-            bias = bias + self.pos_bias(rel)
-        return bias.permute(0, 3, 1, 2)
+            bias = bias + self.pos_bias(rel).permute(2, 0, 1)[:, None]  # + (H, 1, N, N)
+        return bias.transpose(0, 1)
 
     def divisor(self, mask: Tensor) -> Tensor | float:
         # mask (B, N) -> (B, 1, N, 1) keys each query sees (at least 1), or the constant N
@@ -271,9 +272,11 @@ class HSTULayer(nn.Module):
         b, n, d = x.shape
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # (B, N, D) each
         q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        s = q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + self.rab(ts, buckets).to(q.dtype)  # (B, H, N, N)
-        a = torch.where(causal_key_mask(mask), F.silu(s), 0.0) / self.divisor(mask)
-        o = (a @ v).transpose(1, 2).reshape(b, n, d)  # (B, N, D)
+        # the scale on q and the 1/n on A·V (a row scaling commutes with the product): each op on an
+        # (B, H, N, N) tensor costs as much as the matmul at these widths, so there are as few as possible
+        s = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2) + self.rab(ts, buckets).to(q.dtype)  # (B, H, N, N)
+        a = torch.where(causal_key_mask(mask), F.silu(s), 0.0)
+        o = (a @ v / self.divisor(mask)).transpose(1, 2).reshape(b, n, d)  # (B, N, D)
         return x + self.drop(self.out(self.norm_attn(o) * u))
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common import atomic_write  # noqa: E402
-from loss import (FULL_SOFTMAX_FACTOR, candidate_columns, full_softmax_fits, full_softmax_loss,  # noqa: E402
+from loss import (FULL_SOFTMAX_FACTOR, _masked_columns, candidate_columns, full_softmax_fits, full_softmax_loss,  # noqa: E402
                   full_softmax_loss_reference, log_q_from_counts, sampled_softmax_loss, sampled_softmax_loss_reference)
 
 Tensor = torch.Tensor
@@ -89,9 +89,24 @@ def dense_loss(query: Tensor, pos: Tensor, pos_ids: Tensor, row_seq: Tensor, neg
     return (lse - pos_logit).mean()
 
 
+def full_autograd_loss(query: Tensor, pos_ids: Tensor, item_vectors: Tensor, row_seq: Tensor, temperature: float,
+                       mask_seq_positives: bool = True, chunk_rows: int | None = None) -> Tensor:
+    """The full softmax as plain autograd ops, the formulation loss.full_softmax_loss fuses by hand: dense (R, M+1)
+    logits, the same mask, F.cross_entropy (log-softmax + NLL). chunk_rows is accepted and ignored."""
+    logits = query @ item_vectors.T / temperature  # (R, M+1)
+    rows = torch.arange(len(pos_ids))
+    if mask_seq_positives:
+        masked = _masked_columns(row_seq, row_seq, pos_ids, None, item_vectors.shape[0], has_pad=True)
+        masked[rows, pos_ids] = False
+    else:
+        masked = torch.zeros_like(logits, dtype=torch.bool)
+        masked[:, 0] = True
+    return F.cross_entropy(logits.masked_fill(masked, float("-inf")), pos_ids)
+
+
 IMPLS = {"ours": sampled_softmax_loss, "dense": dense_loss, "reference": sampled_softmax_loss_reference,
-         "full": full_softmax_loss, "full_reference": full_softmax_loss_reference}
-LEAVES = {"full": ("query", "item_vectors"), "full_reference": ("query", "item_vectors")}  # else query, pos, neg
+         "full": full_softmax_loss, "full_reference": full_softmax_loss_reference, "full_autograd": full_autograd_loss}
+LEAVES = {k: ("query", "item_vectors") for k in ("full", "full_reference", "full_autograd")}  # else query, pos, neg
 
 
 def make_inputs(batch: int, rows_per_seq: int, dim: int, catalogue: int, zipf: float, seed: int,
@@ -186,11 +201,12 @@ def full_oracle_check(args) -> list[str]:
     inputs = full_inputs(make_inputs(6, 9, 16, 60, args.zipf, args.seed, dtype=torch.float64), 60, 16, args.seed)
     for mask in (True, False):
         v_ref, g_ref = value_and_grads("full_reference", inputs, temperature=args.temperature, mask_seq_positives=mask)
-        v, g = value_and_grads("full", inputs, temperature=args.temperature, mask_seq_positives=mask, chunk_rows=7)
-        dv, dg = abs(float(v - v_ref)) / abs(float(v_ref)), grad_diff(g, g_ref)
-        ok = dv < 1e-10 and dg < 1e-9
-        lines.append(f"full, {'sequence positives masked' if mask else 'plain cross-entropy'}: value {dv:.0e}, "
-                     f"gradients {dg:.0e} -> {'equal' if ok else 'DIFFERENT'}")
+        for impl in ("full", "full_autograd"):
+            v, g = value_and_grads(impl, inputs, temperature=args.temperature, mask_seq_positives=mask, chunk_rows=7)
+            dv, dg = abs(float(v - v_ref)) / abs(float(v_ref)), grad_diff(g, g_ref)
+            ok = dv < 1e-10 and dg < 1e-9
+            lines.append(f"{impl}, {'sequence positives masked' if mask else 'plain cross-entropy'}: value {dv:.0e}, "
+                         f"gradients {dg:.0e} -> {'equal' if ok else 'DIFFERENT'}")
     return lines
 
 
@@ -219,7 +235,8 @@ def child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     res: dict = {}
     try:
-        impl, full = spec["impl"], spec["impl"] == "full"
+        impl = spec["impl"]
+        full = impl.startswith("full")
         inputs = make_inputs(spec["batch"], spec["rows_per_seq"], spec["dim"], spec["catalogue"], spec["zipf"],
                              spec["seed"])
         if full:
@@ -332,16 +349,21 @@ def full_main(args, argv: list[str] | None) -> str:
         runs = [("sampled: all 2R columns", {"impl": "ours"})]
         if mc:
             runs.append((f"sampled: {mc[0]:,} columns (--max-candidates)", {"impl": "ours", "max_candidates": mc[0]}))
-        runs += [("full: every item (sequence positives masked)", {"impl": "full"})]
+        runs += [("full: every item (sequence positives masked)", {"impl": "full"}),
+                 ("full, unfused: autograd log-softmax + NLL", {"impl": "full_autograd"})]
         for name, extra in runs:
             res = run_child({**base, **extra})
             print(f"{case} {name}: {res}", flush=True)
-            cols = m if extra["impl"] == "full" else extra.get("max_candidates") or 2 * b * n
+            cols = m if extra["impl"].startswith("full") else extra.get("max_candidates") or 2 * b * n
             rows.append((case, name, b * n, cols, res))
         fits = full_softmax_fits(m, b * n, mc[0] if mc else None)
         verdicts.append(f"{case}: full_softmax_fits({m:,}, {b * n:,}{f', {mc[0]:,}' if mc else ''}) = {fits}")
     (tmp / "g.pt").unlink(missing_ok=True)
     tmp.rmdir()
+    by = {(case, name.split(":")[0]): res for case, name, _, _, res in rows if "error" not in res}
+    fused = [f"{case}: time {by[case, 'full']['seconds'] / by[case, 'full, unfused']['seconds']:.2f}x, peak "
+             f"{by[case, 'full']['peak_mb'] / max(by[case, 'full, unfused']['peak_mb'], 1e-9):.2f}x"
+             for case in dict.fromkeys(c for c, _ in by) if (case, "full") in by and (case, "full, unfused") in by]
     cmd = " ".join(["python bench/loss.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [FULL_TITLE, "",
              "Per case (B x N target rows, every position a target; D hidden; M items, ids Zipf(s="
@@ -359,7 +381,9 @@ def full_main(args, argv: list[str] | None) -> str:
              "- check against loss.full_softmax_loss_reference (float64, B=6, N=9, D=16, 60 items; relative "
              "differences): " + "; ".join(checks),
              f"- the automatic choice (loss.full_softmax_fits, factor {FULL_SOFTMAX_FACTOR:g}: full when M <= factor x "
-             "the sampled columns): " + "; ".join(verdicts), "",
+             "the sampled columns): " + "; ".join(verdicts),
+             "- the fused full softmax (loss.full_softmax_loss) against the same loss as plain autograd ops: "
+             + "; ".join(fused), "",
              "| case B:N:D:M | method | R | columns | logits | fwd+bwd s | fwd s | time vs sampled 2R | "
              "s per G logits | peak MB | peak vs sampled 2R | loss |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

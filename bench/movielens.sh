@@ -25,7 +25,7 @@ case "${PROFILE:-cpu}" in
   # the step-500 cut, BENCHMARKS.md); 3,706 items: the full softmax (2,048 sampled columns with --full-softmax off)
   cpu) PROFILE_ARGS=(--preset small --hidden 64 --num-layers 2 --num-heads 2 --batch-size 64 --device cpu
                      --max-candidates 2048 --num-workers 0 --id-dim 64 --lr 2e-3)
-       STEPS="${STEPS:-3000}" ;;
+       STEPS="${STEPS:-4500}" ;;
   gpu) PROFILE_ARGS=(--preset small --hidden 256 --num-layers 8 --num-heads 4 --batch-size 128 --device cuda
                      --max-candidates 0 --lr 1e-3)
        STEPS="${STEPS:-10000}" ;;

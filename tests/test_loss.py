@@ -520,6 +520,16 @@ def test_full_softmax_under_bf16_autocast_is_the_fp32_loss_to_bf16_precision(chu
     assert g1[1][0].abs().max() == 0  # padding gets no gradient
 
 
+def test_full_softmax_refuses_a_second_backward_through_one_graph():
+    """The fused backward turns the saved softmax into the gradient in place: a second pass through the same graph
+    (retain_graph) must fail loudly, not return a wrong gradient."""
+    rows = make_full(27)
+    loss = full_softmax_loss(**rows, temperature=0.05)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
 def test_full_softmax_is_cross_entropy_without_mask():
     rows = make_full(22)
     logits = rows["query"] @ rows["item_vectors"][1:].T / 0.05  # (R, M): items 1..M
