@@ -365,9 +365,9 @@ def full_softmax_fits(num_items: int, rows: int, num_columns: int | None = None,
     (CHUNK_LOGITS a chunk). Measured on the CPU (bench/loss_results.md), the full softmax costs no more per logit
     than the sampled loss (0.87-0.97x the sampled time at equal logit counts, D = 512, before it was fused; 0.68x
     since), so the cost ratio is at most the logit ratio. factor 2: every item a negative, none twice, is worth
-    up to twice the logits of a sample (on MovieLens-1M all 2R columns against 2,048 gave +10% validation HR@10, BENCHMARKS.md); it picks
-    the full softmax for MovieLens-1M (3,706 items) even at 2,048 sampled columns, and keeps the sampled loss
-    for catalogues of millions."""
+    up to twice the logits of a sample (on MovieLens-1M all 2R columns against 2,048 gave +10% validation
+    HR@10, BENCHMARKS.md); it picks the full softmax for MovieLens-1M (3,706 items) even at 2,048 sampled
+    columns, and keeps the sampled loss for catalogues of millions."""
     if num_items < 1 or rows < 0:
         raise ValueError(f"num_items ({num_items}) must be >= 1 and rows ({rows}) >= 0")
     c = min(num_columns, 2 * rows) if num_columns else 2 * rows
