@@ -21,24 +21,27 @@ ML="$OUT/ml-1m"
 "$PYTHON" -u get_stat.py --data-dir "$ML/data" --cache-dir "$ML/cache"
 
 case "${PROFILE:-cpu}" in
-  # 2 layers of width 64, maxlen 200 (as the paper's ML-1M runs), ids as wide as the model, lr 2e-3 (both won at
+  # width 64, maxlen 200 (as the paper's ML-1M runs), ids as wide as the model, lr 2e-3 (both won at
   # the step-500 cut, BENCHMARKS.md); 3,706 items: the full softmax (2,048 sampled columns with --full-softmax off).
   # HSTU: 1 head, 3 layers. One head halves its element-wise (B, H, N, N) work, which pays for the third layer:
   # the same wall time as SASRec's 2 x 2, and a better Score than HSTU's 2 x 2 at every seed (BENCHMARKS.md)
-  cpu) PROFILE_ARGS=(--preset small --hidden 64 --num-layers 2 --num-heads 2 --batch-size 64 --device cpu
-                     --max-candidates 2048 --num-workers 0 --id-dim 64 --lr 2e-3)
-       HSTU_ARGS=(--num-heads 1 --num-layers 3)
+  cpu) PROFILE_ARGS=(--preset small --hidden 64 --batch-size 64 --device cpu --max-candidates 2048
+                     --num-workers 0 --id-dim 64 --lr 2e-3)
+       HSTU_ARGS=(--num-heads 1 --num-layers 3) SASREC_ARGS=(--num-heads 2 --num-layers 2)
        STEPS="${STEPS:-4500}" ;;
-  gpu) PROFILE_ARGS=(--preset small --hidden 256 --num-layers 8 --num-heads 4 --batch-size 128 --device cuda
-                     --max-candidates 0 --lr 1e-3)
-       HSTU_ARGS=()
+  gpu) PROFILE_ARGS=(--preset small --hidden 256 --batch-size 128 --device cuda --max-candidates 0 --lr 1e-3)
+       HSTU_ARGS=(--num-layers 8 --num-heads 4) SASREC_ARGS=(--num-layers 8 --num-heads 4)
        STEPS="${STEPS:-10000}" ;;
   *) echo "PROFILE must be cpu or gpu" >&2; exit 2 ;;
 esac
 
 for MODEL in ${MODELS:-hstu sasrec}; do
   RUN="$OUT/${NAME:-$MODEL}"
-  MODEL_ARGS=(); if [ "$MODEL" = hstu ]; then MODEL_ARGS=("${HSTU_ARGS[@]}"); fi
+  case "$MODEL" in
+    hstu) MODEL_ARGS=("${HSTU_ARGS[@]}") ;;
+    sasrec) MODEL_ARGS=("${SASREC_ARGS[@]}") ;;
+    *) echo "MODELS must list hstu and/or sasrec, got $MODEL" >&2; exit 2 ;;
+  esac
   start=$(date +%s)
   "$PYTHON" -u main.py --data-dir "$ML/data" --cache-dir "$ML/cache" --ckpt-dir "$RUN/ckpt" --log-dir "$RUN/logs" \
     --tf-dir "$RUN/tf" --model "$MODEL" "${PROFILE_ARGS[@]}" "${MODEL_ARGS[@]}" --maxlen 200 --dropout 0.2 \
