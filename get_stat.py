@@ -601,7 +601,8 @@ def make_stat(st: RangeStats, itemnum: int, f: dict, table: tuple, duplicates: i
         "num_active_items": int((st.item_count > 0).sum()),
         "action_counts": {str(a): int(c) for a, c in enumerate(st.action_counts)},
         "seq_len": {"min": int(nz[0]), "mean": float(int(np.arange(len(hist)) @ hist) / n),
-                    "p50": _percentile(hist, 50), "p95": _percentile(hist, 95), "max": int(nz[-1])},
+                    "p50": _percentile(hist, 50), "p95": _percentile(hist, 95), "max": int(nz[-1]),
+                    "hist": hist[:nz[-1] + 1].tolist()},  # users by number of events: what a window keeps
         "min_ts": int(st.min_ts), "max_ts": int(st.max_ts),
         "schema": {
             "item_sparse": {fid: _vocab(f, fid, int(feat[:, col[fid]].max())) for fid in item_fids},

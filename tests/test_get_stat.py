@@ -360,7 +360,8 @@ def _reference(seq: bytes, itemnum: int, indexer_f: dict) -> dict:
         "itemnum": itemnum, "num_users": len(lengths), "num_events": sum(count.values()),
         "num_active_items": len(count), "action_counts": {str(a): actions[a] for a in range(3)},
         "seq_len": {"min": min(lengths), "mean": float(np.mean(lengths)), "p50": float(np.percentile(lengths, 50)),
-                    "p95": float(np.percentile(lengths, 95)), "max": max(lengths)},
+                    "p95": float(np.percentile(lengths, 95)), "max": max(lengths),
+                    "hist": [lengths.count(n) for n in range(max(lengths) + 1)]},
         "min_ts": min(all_ts), "max_ts": max(all_ts),
         "schema": {
             "item_sparse": {f: vocab(f, int(cols[f].max())) for f in item_fids},

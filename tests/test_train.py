@@ -92,6 +92,20 @@ def test_checkpoint_contents_and_pruning_keep_the_best(sample, monkeypatch):
     assert not list(ck.glob(".global_step*"))  # no temporary folders left
 
 
+def test_a_window_that_keeps_under_half_the_events_is_pointed_out(sample):
+    lines = (sample / "data" / "seq.jsonl").read_text().splitlines()
+    lengths = np.array([sum(r[1] is not None for r in json.loads(line)) for line in lines])  # events per user
+    seq_len = json.loads((sample / "cache" / "stat.json").read_text())["seq_len"]
+    for maxlen in range(1, lengths.max() + 2):
+        kept = np.minimum(lengths, maxlen).sum() / lengths.sum()
+        hint = train.history_hint(seq_len, maxlen)
+        assert (hint is None) == (kept >= 0.5), maxlen
+        assert hint is None or f"keeps {kept:.0%} of the events" in hint
+    assert np.minimum(lengths, 20).sum() < lengths.sum() / 2
+    train.main(args(sample, "hint", "--max-steps", "1"))  # maxlen 20
+    assert "note: maxlen 20 keeps" in (sample / "hint" / "logs" / "train.log").read_text()
+
+
 def test_a_new_run_never_mixes_with_an_earlier_runs_checkpoints(sample, capsys):
     run = args(sample, "twice", "--max-steps", "2")
     train.main(run)
