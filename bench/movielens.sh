@@ -5,13 +5,14 @@
 #
 #   bench/movielens.sh ML1M_DIR [OUT_DIR]           # ML1M_DIR: ratings.dat/users.dat/movies.dat (GroupLens)
 #                                                   # or interactions_chrono.csv.gz + users.dat + movies.dat
-# Environment: MODELS ("hstu sasrec"), PROFILE (cpu: about an hour a model on 2 cores; gpu: a larger model,
-# longer), STEPS (override the profile's steps), PYTHON. Extra training options: TRAIN_ARGS; NAME names the
-# run folder (default: the model). An ablation at the same schedule, cut short at step 500:
+# Environment: MODELS ("hstu sasrec"), PROFILE (cpu: about an hour a model on 2 cores with AVX-512; gpu: a
+# larger model, longer), STEPS (override the profile's steps; 3000: the hour without AVX-512), PYTHON. Extra
+# training options: TRAIN_ARGS; NAME names the run folder (default: the model). An ablation at the same
+# schedule, cut short at step 500:
 #   NAME=hstu_no_logq MODELS=hstu TRAIN_ARGS="--stop-at 500 --log-q-alpha 0" bench/movielens.sh ML1M_DIR
 # Results: OUT_DIR/<name>/metrics.json and a summary line per run in OUT_DIR/summary.md.
 set -euo pipefail
-if [ $# -lt 1 ]; then sed -n '2,14p' "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n '2,13p' "$0"; exit 2; fi
 SRC="$1"; OUT="${2:-movielens_runs}"
 PYTHON="${PYTHON:-python}"
 cd "$(dirname "$0")/.."
