@@ -196,12 +196,16 @@ def training_item_stats(reader: SeqReader, item_count: np.ndarray, item_last_ts:
 class TrainDataset(Dataset):
     """Next-item training samples. Indices come from EpochSampler as epoch * num_lines + line, so that the
     global negatives are a pure function of (seed, epoch, line): resuming reproduces them exactly.
-    With `holdout_last`, each user's validation target (holdout_index) and what follows it are left out."""
+    With `holdout_last`, each user's validation target (holdout_index) and what follows it are left out.
+    `window`: which N events of a longer history train: the 'last' ones, or a 'random' run of N consecutive
+    events, drawn anew every epoch (its end uniform over N..len), so that older events train too."""
 
     def __init__(self, reader: SeqReader, lines: np.ndarray, item_feat: np.ndarray, spec: FeatureSpec,
-                 pool: ActivePool, maxlen: int, seed: int, holdout_last: bool = False):
+                 pool: ActivePool, maxlen: int, seed: int, holdout_last: bool = False, window: str = "last"):
+        if window not in ("last", "random"):
+            raise ValueError(f"window must be 'last' or 'random', got {window!r}")
         self.reader, self.lines, self.item_feat, self.spec = reader, lines, item_feat, spec
-        self.pool, self.N, self.seed, self.holdout_last = pool, maxlen + 1, seed, holdout_last
+        self.pool, self.N, self.seed, self.holdout_last, self.window = pool, maxlen + 1, seed, holdout_last, window
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -212,7 +216,11 @@ class TrainDataset(Dataset):
         items, profile = split_records(self.reader.read(line))
         if self.holdout_last and items:
             items = items[:holdout_index(items)]
-        hist = items[-self.N:]  # the last N items; the user token always stays first
+        rng = np.random.default_rng([self.seed, epoch, line])
+        end = len(items)
+        if self.window == "random" and end > self.N:
+            end = int(rng.integers(self.N, end + 1))
+        hist = items[max(end - self.N, 0):end]  # the user token always stays first
         L = len(hist)
         ids = np.array([r[1] for r in hist], np.int64)
         act = np.array([r[4] + 1 for r in hist], np.int64)
@@ -229,7 +237,6 @@ class TrainDataset(Dataset):
             out["next_item"][s:] = ids
             out["next_action"][s:] = act
             out["next_ts"][s:] = ts
-            rng = np.random.default_rng([self.seed, epoch, line])
             user_items = np.fromiter((r[1] for r in items), np.int64, len(items))
             out["neg_item"][s:] = self.pool.sample(rng, L, user_items)
             out["neg_item"][out["next_item"] == 0] = 0

@@ -61,6 +61,34 @@ def test_train_sample_exact(small):
     assert small["stat"]["schema"]["user_sparse"] == {"103": 10}
 
 
+def test_random_window_trains_every_event_of_a_long_history(small):
+    """--window random: a run of N consecutive events of the (held-out-trimmed) history, drawn per epoch;
+    over epochs every event is a target, never the held-out one; short histories train as with 'last'."""
+    kw = dict(maxlen=4, seed=0, holdout_last=True)
+    last = TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"], **kw)
+    rand = TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"],
+                        window="random", **kw)
+    history = [r[1] for r in small["reader"].read(1) if r[1] is not None][:-1]  # user 2: items 1..10 train
+    windows, targets = set(), set()
+    for epoch in range(40):
+        s = rand[epoch * 3 + 1]
+        runs = [history[e - 5:e] for e in range(5, len(history) + 1)]
+        assert s["next_item"].tolist() in runs  # N = 5 consecutive targets, none past the held-out item
+        assert s["seq_item"].tolist() == [0] + s["next_item"].tolist()[:-1] and s["seq_type"][0] == 2
+        assert not np.isin(s["neg_item"], history).any()
+        windows.add(tuple(s["next_item"].tolist()))
+        targets |= set(s["next_item"].tolist())
+        for short in (0, 2):  # histories within N: the same sample as 'last', negatives included
+            a, b = rand[epoch * 3 + short], last[epoch * 3 + short]
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert targets == set(history) and len(windows) == len(history) - 4
+    assert np.array_equal(rand[4]["next_item"], rand[4]["next_item"])  # a pure function of (seed, epoch, line)
+    assert last[1]["next_item"].tolist() == history[-5:]
+    with pytest.raises(ValueError, match="window"):
+        TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"], maxlen=4,
+                     seed=0, window="first")
+
+
 def test_negatives_never_in_user_items_and_deterministic(small):
     ds = TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"], maxlen=20, seed=3)
     for key in range(3 * 50):
