@@ -69,10 +69,10 @@ def test_random_window_trains_every_event_of_a_long_history(small):
     rand = TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"],
                         window="random", **kw)
     history = [r[1] for r in small["reader"].read(1) if r[1] is not None][:-1]  # user 2: items 1..10 train
+    runs = [history[e - 5:e] for e in range(5, len(history) + 1)]
     windows, targets = set(), set()
     for epoch in range(40):
         s = rand[epoch * 3 + 1]
-        runs = [history[e - 5:e] for e in range(5, len(history) + 1)]
         assert s["next_item"].tolist() in runs  # N = 5 consecutive targets, none past the held-out item
         assert s["seq_item"].tolist() == [0] + s["next_item"].tolist()[:-1] and s["seq_type"][0] == 2
         assert not np.isin(s["neg_item"], history).any()
