@@ -24,6 +24,7 @@ from ids import UserIds, raw_user
 from records import parse_line
 
 MAX_USER_ARRAY_LEN = 32  # longer array features are cut; real ones are short
+WINDOWS = ("last", "random", "all")  # TrainDataset's ways to cut a history longer than a sequence
 
 
 @dataclass
@@ -167,14 +168,16 @@ def holdout_index(items: list[list]) -> int:
     return next((j for j in range(len(items) - 1, -1, -1) if items[j][4] > 0), len(items) - 1)
 
 
-def training_item_stats(reader: SeqReader, item_count: np.ndarray, item_last_ts: np.ndarray, val_lines: np.ndarray,
-                        val_split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Events per item and each item's last timestamp in what training reads, from get_stat's figures over all
-    of seq.jsonl, so that held-out validation events feed neither log-q nor the negative pool (which takes only
-    items with a training event). 'users': minus the validation users' lines (a read of those lines; the last
-    timestamps stay those of the whole file, so an item's activity window may end at a validation event).
-    'last': every line without its held-out part (a read of every line: seconds for a public benchmark, a
-    full pass at the real scale), exact counts and times."""
+def training_item_stats(reader: SeqReader, item_count: np.ndarray, item_last_ts: np.ndarray,
+                        line_len: np.ndarray | None, val_lines: np.ndarray,
+                        val_split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Events per item, each item's last timestamp and items per line in what training reads, from get_stat's
+    figures over all of seq.jsonl (line_len: items per line, None if unknown), so that held-out validation
+    events feed neither log-q nor the negative pool (which takes only items with a training event). 'users':
+    minus the validation users' lines (a read of those lines; the last timestamps stay those of the whole
+    file, so an item's activity window may end at a validation event), line_len as given. 'last': every line
+    without its held-out part (a read of every line: seconds for a public benchmark, a full pass at the real
+    scale), exact counts, times and lengths."""
     def read(lines: np.ndarray):  # -> item records per line, with a progress bar for long reads
         for line in tqdm(lines, desc="holding out validation events", unit="user", mininterval=1.0,
                          disable=len(lines) < 10000):
@@ -184,35 +187,44 @@ def training_item_stats(reader: SeqReader, item_count: np.ndarray, item_last_ts:
         count = item_count.copy()
         for items in read(val_lines):
             np.subtract.at(count, np.array([r[1] for r in items], np.int64), 1)
-        return count, item_last_ts
+        return count, item_last_ts, line_len
     count, last_ts = np.zeros_like(item_count), np.zeros_like(item_last_ts)
-    for items in read(np.arange(len(reader))):
+    lengths = np.zeros(len(reader), np.int64)
+    for line, items in enumerate(read(np.arange(len(reader)))):
         kept = items[:holdout_index(items)]
+        lengths[line] = len(kept)
         np.add.at(count, np.array([r[1] for r in kept], np.int64), 1)
         np.maximum.at(last_ts, np.array([r[1] for r in kept], np.int64), np.array([r[5] for r in kept], np.int64))
-    return count, last_ts
+    return count, last_ts, lengths
 
 
 class TrainDataset(Dataset):
-    """Next-item training samples. Indices come from EpochSampler as epoch * num_lines + line, so that the
-    global negatives are a pure function of (seed, epoch, line): resuming reproduces them exactly.
+    """Next-item training samples. Indices come from EpochSampler as epoch * len(self) + sample (a line, or a
+    run of one with 'all'), so that the global negatives are a pure function of (seed, epoch, line[, run]):
+    resuming reproduces them exactly.
     With `holdout_last`, each user's validation target (holdout_index) and what follows it are left out.
-    `window`: which N events of a longer history train: the 'last' ones, or a 'random' run of N consecutive
-    events, drawn anew every epoch (its end uniform over N..len), so that older events train too."""
+    `window`: which N events of a longer history train: the 'last' ones; a 'random' run of N consecutive
+    events, drawn anew every epoch (its end uniform over N..len); or 'all' of them, the history cut into runs
+    of N back from its end (tiles: the last is 'last's sample), each a sample, so that an epoch trains every
+    event once. 'all' takes `lengths`, the items per line of `lines` that training reads (after the held-out
+    part), and samples are indexed by tile rather than line."""
 
     def __init__(self, reader: SeqReader, lines: np.ndarray, item_feat: np.ndarray, spec: FeatureSpec,
-                 pool: ActivePool, maxlen: int, seed: int, holdout_last: bool = False, window: str = "last"):
-        if window not in ("last", "random"):
-            raise ValueError(f"window must be 'last' or 'random', got {window!r}")
+                 pool: ActivePool, maxlen: int, seed: int, holdout_last: bool = False, window: str = "last",
+                 lengths: np.ndarray | None = None):
+        if window not in WINDOWS:
+            raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
         self.reader, self.lines, self.item_feat, self.spec = reader, lines, item_feat, spec
         self.pool, self.N, self.seed, self.holdout_last, self.window = pool, maxlen + 1, seed, holdout_last, window
+        self.tile_line, self.tile_end, self.tile_len = (tiles(lines, lengths, self.N) if window == "all"
+                                                        else (lines, None, None))
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return len(self.tile_line)
 
     def __getitem__(self, key: int) -> dict[str, np.ndarray]:
-        epoch, k = divmod(int(key), len(self.lines))
-        line = int(self.lines[k])
+        epoch, k = divmod(int(key), len(self.tile_line))
+        line = int(self.tile_line[k])
         items, profile = split_records(self.reader.read(line))
         if self.holdout_last and items:
             items = items[:holdout_index(items)]
@@ -220,6 +232,13 @@ class TrainDataset(Dataset):
         end = len(items)
         if self.window == "random" and end > self.N:
             end = int(rng.integers(self.N, end + 1))
+        elif self.tile_end is not None:
+            if len(items) != self.tile_len[k]:
+                raise data_error(self.reader.path, line + 1, f"{len(items)} items where the cache's line_len.npy "
+                                 f"counts {self.tile_len[k]}: seq.jsonl changed after get_stat.py; run it again")
+            end = int(self.tile_end[k])
+            if end < len(items):  # an earlier run draws its own negatives; the last one is 'last's sample
+                rng = np.random.default_rng([self.seed, epoch, line, end])
         hist = items[max(end - self.N, 0):end]  # the user token always stays first
         L = len(hist)
         ids = np.array([r[1] for r in hist], np.int64)
@@ -244,6 +263,16 @@ class TrainDataset(Dataset):
         out["next_feat"] = self.item_feat[out["next_item"]].astype(np.int64)
         out["neg_feat"] = self.item_feat[out["neg_item"]].astype(np.int64)
         return out
+
+
+def tiles(lines: np.ndarray, lengths: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each history of lengths[i] items cut into runs of N back from its end -> (line, end, the line's length)
+    of every run, a line's runs from the latest; an empty history is one (empty) run."""
+    lengths = np.asarray(lengths, np.int64)
+    count = np.maximum(-(-lengths // N), 1)  # (L,) runs per line
+    first = np.repeat(np.cumsum(count) - count, count)  # (T,) index of its line's first run
+    length = np.repeat(lengths, count)  # (T,)
+    return np.repeat(lines, count), length - N * (np.arange(len(first)) - first), length
 
 
 def _empty_sequence(N: int, spec: FeatureSpec, profile: dict | None) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ Writes to the cache folder (atomically, each file renamed into place):
   item_last_ts.npy  (itemnum+1,) int64   each item's last timestamp (pool of active global negatives)
   item_feat.npy     (itemnum+1, F) int32 item sparse features, columns in sorted fid order, 0 = missing
   item_raw_id.npy   (itemnum+1,) int64   raw creative id of each re-id (for results in raw ids)
+  line_len.npy      (lines,) int32       items per line, in file order (training's `--window all` tiles)
 and seq_offsets.pkl beside seq.jsonl when it is missing (else it is checked against the file). A second
 run on unchanged inputs does nothing. The outputs are those of json.loads line by line (tests/test_get_stat.py
 holds that reference): item features are those of each item's last record in the file; the schema's feature
@@ -19,7 +20,8 @@ results merge in file order, and an error names the file's first bad line whiche
 Memory per process: one block of text and its records, plus the per-item arrays (about 8 + 8 + 4 per
 feature bytes an item: some 1.2 GB at 17.5M items and 13 features); nothing grows with the number of users:
 line offsets and user ids go to temporary files in the cache folder (the duplicate-user count is exact, one
-hash partition of the ids in memory at a time), sequence lengths into a histogram (exact percentiles).
+hash partition of the ids in memory at a time), sequence lengths into a histogram (exact percentiles) and,
+streamed through temporary files, into line_len.npy.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from records import RAW_LINE_DECODER, DecodeError, decode_features, keys_ok, par
 
 STAT_VERSION = 3  # 3: fast parser; feature ids of the schema from every record (not chunk by chunk)
 MAX_ITEM_ARRAY_LEN = 16  # slots kept per array-valued item feature; longer lists are cut
-CACHE_FILES = ("item_count.npy", "item_last_ts.npy", "item_feat.npy", "item_raw_id.npy", STAT_FILE)
+CACHE_FILES = ("item_count.npy", "item_last_ts.npy", "item_feat.npy", "item_raw_id.npy", "line_len.npy", STAT_FILE)
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MIN_RANGE_BYTES = 128 << 20  # by default, no more processes than ranges of this size (starting one costs ~0.5 s)
@@ -338,9 +340,10 @@ def _fold_item_features(items: np.ndarray, iidx: np.ndarray, cols: dict, ft: Fea
         st.item_array[fid][last_items] = slots
 
 
-def _scan_block(body: bytes, st: RangeStats, path: Path, users: UserKeys, ft: FeatureTable) -> np.ndarray | None:
-    """Fold one block of whole lines into `st`; returns the line starts within the block, or None after
-    setting st.error (the block's first bad line)."""
+def _scan_block(body: bytes, st: RangeStats, path: Path, users: UserKeys,
+                ft: FeatureTable) -> tuple[np.ndarray, np.ndarray] | None:
+    """Fold one block of whole lines into `st`; returns (the line starts within the block, items per line), or
+    None after setting st.error (the block's first bad line)."""
     starts, ends = _line_bounds(body)
     records, lens, bad = _decode_lines(body, starts.tolist(), ends.tolist(), path, st.itemnum)
     nlines = len(lens)
@@ -373,7 +376,8 @@ def _scan_block(body: bytes, st: RangeStats, path: Path, users: UserKeys, ft: Fe
     if len(ts):
         st.min_ts, st.max_ts = min(st.min_ts, int(ts.min())), max(st.max_ts, int(ts.max()))
     li = line_of[iidx]
-    hist = np.bincount(np.bincount(li, minlength=nlines))  # lines by number of items
+    line_len = np.bincount(li, minlength=nlines)
+    hist = np.bincount(line_len)  # lines by number of items
     if len(hist) > len(st.len_hist):
         st.len_hist = np.pad(st.len_hist, (0, len(hist) - len(st.len_hist)))
     st.len_hist[:len(hist)] += hist
@@ -385,7 +389,7 @@ def _scan_block(body: bytes, st: RangeStats, path: Path, users: UserKeys, ft: Fe
         _fold_item_features(items, iidx, cols, ft, st)
     _user_features([ufeat[k] for k in cols["pidx"].tolist()], st)
     st.lines += nlines
-    return starts
+    return starts, line_len
 
 
 def _user_features(profiles: list[dict | None], st: RangeStats) -> None:
@@ -406,22 +410,24 @@ def _user_features(profiles: list[dict | None], st: RangeStats) -> None:
 def scan_range(path: Path, start: int, end: int, chunk_bytes: int, itemnum: int, folder: Path, rank: int,
                partitions: int, progress=None) -> RangeStats:
     """Statistics of the lines in [start, end) of `path` (both at line starts); their byte offsets go to
-    folder/offsets.RANK (int64), their user ids to folder/users.RANK.P. Stops at the first bad line, or when
-    progress(bytes done) returns False."""
+    folder/offsets.RANK (int64), their numbers of items to folder/lengths.RANK (int32), their user ids to
+    folder/users.RANK.P. Stops at the first bad line, or when progress(bytes done) returns False."""
     st = RangeStats(itemnum)
     users = UserKeys(folder, rank, partitions)
     ft = FeatureTable()
     gc_was = gc.isenabled()
     gc.disable()  # records are not cyclic; collecting while millions are alive costs more than parsing
     try:
-        with open(path, "rb") as f, open(folder / f"offsets.{rank}", "wb") as out:
+        with open(path, "rb") as f, open(folder / f"offsets.{rank}", "wb") as out, \
+                open(folder / f"lengths.{rank}", "wb") as lengths:
             f.seek(start)
             pos = start
             for body in iter_line_blocks(f, chunk_bytes, end - start):
-                starts = _scan_block(body, st, path, users, ft)
-                if starts is None:
+                block = _scan_block(body, st, path, users, ft)
+                if block is None:
                     break
-                (starts + pos).astype(np.int64).tofile(out)
+                (block[0] + pos).astype(np.int64).tofile(out)
+                block[1].astype(np.int32).tofile(lengths)
                 pos += len(body)
                 if progress is not None and not progress(len(body)):
                     break  # stopped from outside: the result is not used
@@ -542,6 +548,16 @@ def check_or_write_offsets(offsets_path: Path, seq_path: Path, folder: Path, ran
                          f"{n_mine} lines, first difference at line {diff}); delete it to rebuild")
 
 
+def write_line_lengths(folder: Path, ranks: int, lines: int, path: Path) -> None:
+    """line_len.npy from the ranges' spilled lengths, streamed: memory stays one buffer, whatever the users."""
+    with atomic_write(path) as out:
+        np.lib.format.write_array_header_1_0(out, {"descr": np.dtype(np.int32).str, "fortran_order": False,
+                                                   "shape": (lines,)})
+        for r in range(ranks):
+            with open(folder / f"lengths.{r}", "rb") as f:
+                shutil.copyfileobj(f, out)
+
+
 def _rebatch(arrays, size: int = 1 << 16):
     """The same ints in pieces of exactly `size` (the last one shorter), so that two streams line up."""
     buf = np.zeros(0, np.int64)
@@ -658,6 +674,7 @@ def run(data_dir: Path, cache_dir: Path, chunk_bytes: int = 16 << 20, force: boo
             raise data_error(seq_path, None, "empty file; expected one JSON line per user")
         check_or_write_offsets(offsets_path, seq_path, folder, ranks)
         duplicates = count_duplicates(folder, ranks, partitions)
+        write_line_lengths(folder, ranks, st.lines, cache_dir / "line_len.npy")
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         if made and not any(cache_dir.iterdir()):

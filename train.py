@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import checkpoint
 from common import DataError, HelpFormatter, env_default, exit_on_data_error, load_stat
-from dataset import (ActivePool, EpochSampler, EvalDataset, FeatureSpec, RankBatches, SeqReader, TrainDataset, collate,
-                     split_users, training_item_stats)
+from dataset import (WINDOWS, ActivePool, EpochSampler, EvalDataset, FeatureSpec, RankBatches, SeqReader,
+                     TrainDataset, collate, split_users, training_item_stats)
 from distributed import Dist, all_true, barrier, cleanup, gather_rows, mean_over_ranks, row_counts, setup
 from id_update import RowWiseAdamW, step_rows
 from loss import (DEFAULT_CURRICULUM, LOG_Q_MODES, NEGATIVES, candidate_columns, curriculum, full_softmax_fits,
@@ -82,11 +82,15 @@ class TrainConfig:
     # optimisation
     max_steps: int = opt(None, "length of training in steps; the schedule and curriculum follow it (default: "
                          "130000 for reference; for small, --epochs over the training sequences)")
-    epochs: float = opt(None, "length of training in passes over the training sequences, when --max-steps is not "
+    epochs: float = opt(None, "length of training in passes over the training sequences (with --window all, "
+                        "every run of every history), when --max-steps is not "
                         "given (default: 20 for small, where the run follows the data; reference runs 130000 steps)")
-    window: str = opt("last", "which --maxlen events of a longer history a training sequence holds: the 'last' "
-                      "ones, or a 'random' run of consecutive ones drawn anew every epoch, so that older events "
-                      "train too", choices=["last", "random"])
+    window: str = opt("auto", "how a history longer than a sequence trains: its 'last' --maxlen + 1 events; "
+                      "'all' of them, cut into runs of --maxlen + 1 from the end, each a sequence of the epoch "
+                      "(every event trains once an epoch); one 'random' run drawn anew every epoch; 'auto': 'all' "
+                      "when the last --maxlen events of each history are under half of the events (get_stat's "
+                      "histogram), else 'last'",
+                      choices=["auto", *WINDOWS])
     batch_size: int = opt(None, "sequences per step (default: 232 for reference, 64 for small)")
     lr: float = opt(None, "peak learning rate, embeddings get half (default: 1e-3 for reference, 2e-3 for small)")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on embeddings, biases, norms)")
@@ -196,7 +200,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict | Non
         path = checkpoint.find_checkpoint(given["resume"], given.get("ckpt_dir", TrainConfig.ckpt_dir))
         given["resume"] = str(path)
         state = checkpoint.load_checkpoint(path)
-        cfg = TrainConfig(**state["train_config"])
+        # a checkpoint from before --window trained the last events: resuming it under 'auto' could tile
+        cfg = TrainConfig(**{"window": "last", **state["train_config"]})
         ignored = sorted(set(given) - RESUME_OVERRIDES)
         if ignored:
             print(f"resume: the checkpoint's settings are kept for {', '.join(ignored)}", file=sys.stderr)
@@ -403,11 +408,17 @@ def load_data(cfg: TrainConfig, mcfg: ModelConfig) -> RunData:
     item_feat = np.load(cache / "item_feat.npy", mmap_mode="r")
     train_lines, val_lines = split_users(len(reader), cfg.val_users, cfg.seed, cfg.val_split)
     # held-out validation events feed neither log-q nor the negative pool: counts of what training reads
-    item_count, item_last_ts = training_item_stats(reader, np.load(cache / "item_count.npy"),
-                                                   np.load(cache / "item_last_ts.npy"), val_lines, cfg.val_split)
+    item_count, item_last_ts, lengths = training_item_stats(
+        reader, np.load(cache / "item_count.npy"), np.load(cache / "item_last_ts.npy"),
+        line_lengths(cache / "line_len.npy", len(reader)), val_lines, cfg.val_split)
     pool = ActivePool(item_count, item_last_ts, cfg.neg_active_days)
+    window = pick_window(cfg.window, stat.get("seq_len"), mcfg.maxlen)
+    if window == "all" and lengths is None:
+        raise DataError(f"{cache / 'line_len.npy'}: missing (a cache from an older get_stat.py), and --window all "
+                        "needs it: run get_stat.py again")
     train_ds = TrainDataset(reader, train_lines, item_feat, spec, pool, mcfg.maxlen, cfg.seed,
-                            holdout_last=cfg.val_split == "last", window=cfg.window)
+                            holdout_last=cfg.val_split == "last", window=window,
+                            lengths=lengths[train_lines] if window == "all" else None)
     val_ds = EvalDataset(reader, val_lines, item_feat, np.load(cache / "item_raw_id.npy"), spec, mcfg.maxlen,
                          holdout_last=True, trained=item_count > 0)
     full = use_full_softmax(cfg, mcfg, stat["itemnum"])
@@ -417,6 +428,34 @@ def load_data(cfg: TrainConfig, mcfg: ModelConfig) -> RunData:
     info("loss: full-catalogue softmax" if full else
          f"loss: sampled softmax, log-q {cfg.log_q_mode}, negatives {cfg.negatives}")
     return RunData(stat, mcfg, mm, item_feat, item_count, train_ds, val_ds, full)
+
+
+def line_lengths(path: Path, num_lines: int) -> np.ndarray | None:
+    """get_stat's items per line (a memmap), None for a cache written before it kept them."""
+    if not path.exists():
+        return None
+    lengths = np.load(path, mmap_mode="r")
+    if len(lengths) != num_lines:
+        raise DataError(f"{path}: {len(lengths)} lines where seq.jsonl has {num_lines}: run get_stat.py again")
+    return lengths
+
+
+def events_kept(seq_len: dict | None, maxlen: int) -> float | None:
+    """Share of the events that the last `maxlen` of each history hold (get_stat's histogram of events per
+    user); None for a cache written before the histogram was kept."""
+    if not seq_len or "hist" not in seq_len:
+        return None
+    hist = np.asarray(seq_len["hist"], np.int64)
+    events = np.arange(len(hist))
+    return float(np.minimum(events, maxlen) @ hist / max(int(events @ hist), 1))
+
+
+def pick_window(window: str, seq_len: dict | None, maxlen: int) -> str:
+    """--window auto: 'all' when the last maxlen events hold under half of the events, else 'last'."""
+    if window != "auto":
+        return window
+    kept = events_kept(seq_len, maxlen)
+    return "all" if kept is not None and kept < 0.5 else "last"
 
 
 def multimodal(cfg: TrainConfig, mcfg: ModelConfig, data: Path, cache: Path) -> tuple[ModelConfig, MMFeatures | None]:
@@ -659,6 +698,7 @@ def _train(cfg: TrainConfig, state: dict | None, d: Dist, device: torch.device) 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run = load_data(cfg, mcfg)
+    cfg = dataclasses.replace(cfg, window=run.train_ds.window)  # 'auto' decided: checkpoints keep the choice
     cfg, _ = resolve(cfg, device, len(run.train_ds))  # a run sized in epochs gets its steps
     model, optim = build_model(cfg, run, device)
     if d.main:
@@ -674,10 +714,11 @@ def _train(cfg: TrainConfig, state: dict | None, d: Dist, device: torch.device) 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         gradient_as_bucket_view=True)
     info(f"{run.mcfg.model} preset={cfg.preset} params={sum(p.numel() for p in core.parameters()) / 1e6:.2f}M "
-         f"device={device} ranks={d.world} train_users={len(run.train_ds)} val_users={len(run.val_ds)} "
+         f"device={device} ranks={d.world} train_users={len(run.train_ds.lines)} val_users={len(run.val_ds)} "
+         f"window={cfg.window} train_sequences={len(run.train_ds)} "
          f"steps={cfg.max_steps} ({cfg.max_steps * cfg.batch_size / max(len(run.train_ds), 1):.1f} epochs) "
          f"batch={cfg.batch_size}")
-    hint = history_hint(run.stat.get("seq_len"), run.mcfg.maxlen)
+    hint = history_hint(run.stat.get("seq_len"), run.mcfg.maxlen, cfg.window)
     if hint:
         info(hint)
     if not best.get("popularity") and d.main:
@@ -687,23 +728,20 @@ def _train(cfg: TrainConfig, state: dict | None, d: Dist, device: torch.device) 
     return {"step": step, "best": best, "last_metrics": metrics, "model": core}
 
 
-def history_hint(seq_len: dict | None, maxlen: int) -> str | None:
-    """A line for a run whose window keeps under half of the events (get_stat's histogram of events per user),
-    since the defaults are sized for short histories. Measured: on the sample data (maxlen 50 keeps 75%) maxlen
-    100 gained nothing; on MovieLens-1M (27%) maxlen 200 was the largest single gain (BENCHMARKS.md)."""
-    if not seq_len or "hist" not in seq_len:
-        return None  # a cache written before the histogram was kept
-    hist = np.asarray(seq_len["hist"], np.int64)
-    events = np.arange(len(hist))
-    kept = float(np.minimum(events, maxlen) @ hist / max(int(events @ hist), 1))
-    if kept >= 0.5:
+def history_hint(seq_len: dict | None, maxlen: int, window: str) -> str | None:
+    """A line for a run whose sequences hold under half of the events (get_stat's histogram of events per
+    user), since the defaults are sized for short histories: what `window` does with the rest. Measured on
+    MovieLens-1M (27% at maxlen 50): 'all' reached 92% of the tuned profile's Score, 'last' 81%."""
+    kept = events_kept(seq_len, maxlen)
+    if kept is None or kept >= 0.5:
         return None
-    return (f"note: maxlen {maxlen} keeps {kept:.0%} of the events (the last {maxlen} of each history; half the "
-            f"users have more than {seq_len['p50']:.0f}, mean {seq_len['mean']:.0f}, max {seq_len['max']}). A longer "
-            f"--maxlen (a step costs about proportionally more) with more --epochs may score higher: on MovieLens-1M "
-            f"(27% kept at maxlen 50) --maxlen 200 --epochs 40 reached 92% of the tuned profile's Score, the "
-            f"defaults 81%, --window random --epochs 40 (older events train too) 89% in a third of the time of "
-            f"the first (BENCHMARKS.md)")
+    where = (f"note: the last {maxlen} events of each history (--maxlen) are {kept:.0%} of the events (half the "
+             f"users have more than {seq_len['p50']:.0f}, mean {seq_len['mean']:.0f}, max {seq_len['max']})")
+    if window == "all":
+        return f"{where}: each history trains as runs of {maxlen + 1} (--window all), every event once an epoch"
+    return (f"{where}. --window all (what --window auto picks here) trains every event, each history cut into "
+            f"runs of {maxlen + 1}: on MovieLens-1M (27%) it reached 92% of the tuned profile's Score, the last "
+            f"events 81% (BENCHMARKS.md)")
 
 
 def summary(best: dict) -> None:

@@ -69,7 +69,7 @@ def same_outputs(caches: list[Path], offsets: list[Path]) -> bool:
     """Every run wrote the same files (stat.json apart from its fingerprints)."""
     first = caches[0]
     for c in caches[1:]:
-        for f in ("item_count.npy", "item_last_ts.npy", "item_feat.npy", "item_raw_id.npy"):
+        for f in ("item_count.npy", "item_last_ts.npy", "item_feat.npy", "item_raw_id.npy", "line_len.npy"):
             if not np.array_equal(np.load(first / f), np.load(c / f)):
                 return False
         a, b = (json.loads((x / "stat.json").read_text()) for x in (first, c))
@@ -85,6 +85,7 @@ def equals_plain(plain: Path, cache: Path) -> bool:
     s = stat["seq_len"]
     return (np.array_equal(p["count"], np.load(cache / "item_count.npy"))
             and np.array_equal(p["last_ts"], np.load(cache / "item_last_ts.npy"))
+            and np.array_equal(lengths, np.load(cache / "line_len.npy"))
             and stat["action_counts"] == {str(a): int(c) for a, c in enumerate(p["actions"])}
             and stat["num_events"] == int(p["count"].sum()) and stat["num_users"] == len(lengths)
             and [s["min"], s["max"], s["mean"], s["p50"], s["p95"]] == [

@@ -89,6 +89,37 @@ def test_random_window_trains_every_event_of_a_long_history(small):
                      seed=0, window="first")
 
 
+def test_all_window_trains_every_event_once_an_epoch(small):
+    """--window all: each (held-out-trimmed) history cut into runs of N back from its end, one sample each;
+    an epoch's samples hold every training event exactly once as a target, the latest run is 'last's sample,
+    negatives included, and a stale line count is refused."""
+    kw = dict(maxlen=4, seed=0, holdout_last=True)
+    histories = [[r[1] for r in small["reader"].read(line) if r[1] is not None] for line in range(3)]
+    histories = [histories[0][:2], histories[1][:-1], []]  # held out: user 1's last click, user 2's last item, user 3's only click
+    lengths = np.array([len(h) for h in histories])
+    last = TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"], **kw)
+    tiled = TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"],
+                         window="all", lengths=lengths, **kw)
+    runs = {0: [histories[0]], 1: [histories[1][5:], histories[1][:5]], 2: [[]]}  # 10 items: two runs of 5
+    assert len(tiled) == 4 and tiled.tile_line.tolist() == [0, 1, 1, 2]
+    for epoch in range(3):
+        got: dict[int, list] = {0: [], 1: [], 2: []}
+        for k in range(4):
+            s = tiled[epoch * 4 + k]
+            line = int(tiled.tile_line[k])
+            targets = s["next_item"][s["next_item"] > 0].tolist()
+            got[line].append(targets)
+            assert s["seq_item"].tolist() == [0] + s["next_item"].tolist()[:-1] or len(targets) < 5
+            assert not np.isin(s["neg_item"], histories[line] or [-1]).any()
+            if targets == histories[line][-5:]:
+                b = last[epoch * 3 + line]
+                assert all(np.array_equal(s[key], b[key]) for key in s), (epoch, line)
+        assert got == runs
+    with pytest.raises(DataError, match="seq.jsonl:2: 10 items where the cache's line_len.npy counts 11"):
+        TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"],
+                     window="all", lengths=lengths + 1, **kw)[1]
+
+
 def test_negatives_never_in_user_items_and_deterministic(small):
     ds = TrainDataset(small["reader"], np.arange(3), small["item_feat"], small["spec"], small["pool"], maxlen=20, seed=3)
     for key in range(3 * 50):
@@ -222,11 +253,13 @@ def test_training_item_stats_hold_validation_out(small):
     """Against counts written out by hand from the fixture's three lines."""
     count, last_ts = np.load(small["data"].parent / "cache" / "item_count.npy"), \
         np.load(small["data"].parent / "cache" / "item_last_ts.npy")
-    c, t = training_item_stats(small["reader"], count, last_ts, np.array([2]), "users")  # user 3 validates
+    line_len = np.load(small["data"].parent / "cache" / "line_len.npy")
+    assert line_len.tolist() == [3, 11, 2]
+    c, t, n = training_item_stats(small["reader"], count, last_ts, line_len, np.array([2]), "users")  # user 3 validates
     expect = np.zeros(ITEMNUM + 1, np.int64)
     np.add.at(expect, [5, 7, 5] + list(range(1, 12)), 1)  # users 1 and 2 whole
-    assert c.tolist() == expect.tolist() and t.tolist() == last_ts.tolist()
-    c, t = training_item_stats(small["reader"], count, last_ts, np.array([0]), "last")
+    assert c.tolist() == expect.tolist() and t.tolist() == last_ts.tolist() and n is line_len
+    c, t, n = training_item_stats(small["reader"], count, last_ts, None, np.array([0]), "last")
     # 'last': user 1 without its last click/conversion (the 3rd item), user 2 without its last item (no
     # click), user 3 without item 9 (its only click) and what follows it
     expect = np.zeros(ITEMNUM + 1, np.int64)
@@ -234,4 +267,4 @@ def test_training_item_stats_hold_validation_out(small):
     ts = np.zeros(ITEMNUM + 1, np.int64)
     ts[[5, 7]] = [1000, 2000]
     ts[1:11] = np.maximum(ts[1:11], 100 * np.arange(1, 11))
-    assert c.tolist() == expect.tolist() and t.tolist() == ts.tolist()
+    assert c.tolist() == expect.tolist() and t.tolist() == ts.tolist() and n.tolist() == [2, 10, 0]

@@ -379,7 +379,8 @@ def _reference(seq: bytes, itemnum: int, indexer_f: dict) -> dict:
         },
     }
     arrays = {"item_count": [count.get(i, 0) for i in range(itemnum + 1)],
-              "item_last_ts": [last_ts.get(i, 0) for i in range(itemnum + 1)], "item_feat": feat.tolist()}
+              "item_last_ts": [last_ts.get(i, 0) for i in range(itemnum + 1)], "item_feat": feat.tolist(),
+              "line_len": lengths}
     return {"stat": stat, **arrays}
 
 
@@ -395,7 +396,7 @@ def _check_against_reference(data, cache, stat) -> None:
     got = {k: v for k, v in stat.items() if k not in ("version", "sources")}
     for k in ref["stat"]:
         assert got[k] == ref["stat"][k], k
-    for name in ("item_count", "item_last_ts", "item_feat"):
+    for name in ("item_count", "item_last_ts", "item_feat", "line_len"):
         assert np.load(cache / f"{name}.npy").tolist() == ref[name], name
     offsets = safe_load_pickle(data / "seq_offsets.pkl")
     starts = [0] + [i + 1 for i, b in enumerate(seq) if b == 10 and i + 1 < len(seq)]

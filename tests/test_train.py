@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 import checkpoint
 import get_stat
 import train
+from common import DataError
 from dataset import collate
 from model import HSTUModel
 from conftest import ROOT
@@ -73,6 +75,11 @@ def test_resume_equals_uninterrupted(sample):
     log_b = [l.split(" ", 2)[2] for l in _loss_lines(sample / "b")]
     strip = lambda lines: [" ".join(l.split()[:4]) for l in lines]  # step N loss X (throughput differs)
     assert strip(log_a) == strip(log_b) and len(log_a) == 8
+    assert first["train_config"]["window"] == "all"  # maxlen 20 on this data: 'auto' tiled, and says so
+    # a checkpoint from before --window existed trained the last events: resuming it keeps to them
+    old = sample / "b" / "old.pt"
+    torch.save({**first, "train_config": {k: v for k, v in first["train_config"].items() if k != "window"}}, old)
+    assert train.parse_config(["--resume", str(old)])[0].window == "last"
 
 
 def test_checkpoint_contents_and_pruning_keep_the_best(sample, monkeypatch):
@@ -92,18 +99,46 @@ def test_checkpoint_contents_and_pruning_keep_the_best(sample, monkeypatch):
     assert not list(ck.glob(".global_step*"))  # no temporary folders left
 
 
-def test_a_window_that_keeps_under_half_the_events_is_pointed_out(sample):
+def test_auto_window_tiles_histories_a_sequence_holds_under_half_of(sample):
+    """--window auto: 'all' exactly when the last maxlen events of each history hold under half of the events
+    (counted here from the raw file), with a note; the run then trains one sequence per run of maxlen + 1."""
     lines = (sample / "data" / "seq.jsonl").read_text().splitlines()
     lengths = np.array([sum(r[1] is not None for r in json.loads(line)) for line in lines])  # events per user
     seq_len = json.loads((sample / "cache" / "stat.json").read_text())["seq_len"]
     for maxlen in range(1, lengths.max() + 2):
         kept = np.minimum(lengths, maxlen).sum() / lengths.sum()
-        hint = train.history_hint(seq_len, maxlen)
-        assert (hint is None) == (kept >= 0.5), maxlen
-        assert hint is None or f"keeps {kept:.0%} of the events" in hint
+        assert train.pick_window("auto", seq_len, maxlen) == ("all" if kept < 0.5 else "last"), maxlen
+        assert train.pick_window("last", seq_len, maxlen) == "last"
+        for window in ("all", "last"):
+            hint = train.history_hint(seq_len, maxlen, window)
+            assert (hint is None) == (kept >= 0.5), maxlen
+            assert hint is None or f"are {kept:.0%} of the events" in hint
+    assert train.pick_window("auto", None, 1) == "last"  # a cache without the histogram
     assert np.minimum(lengths, 20).sum() < lengths.sum() / 2
     train.main(args(sample, "hint", "--max-steps", "1"))  # maxlen 20
-    assert "note: maxlen 20 keeps" in (sample / "hint" / "logs" / "train.log").read_text()
+    log = (sample / "hint" / "logs" / "train.log").read_text()
+    train_lines = train.split_users(len(lines), 50, 42)[0]
+    sequences = np.maximum(-(-lengths[train_lines] // 21), 1).sum()
+    assert f"window=all train_sequences={sequences} " in log and "note: the last 20 events of each history (--maxlen) are" in log
+
+
+def test_window_all_refuses_a_cache_without_matching_line_lengths(sample, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(sample / "cache", cache)
+    line_len = np.load(cache / "line_len.npy")
+
+    def load(window: str):
+        cfg, _ = train.parse_config([*args(sample, "nolen", "--window", window), "--cache-dir", str(cache)])
+        return train.load_data(*train.resolve(cfg, torch.device("cpu")))
+
+    np.save(cache / "line_len.npy", line_len[:-1])
+    with pytest.raises(DataError, match=f"line_len.npy: {len(line_len) - 1} lines where seq.jsonl has {len(line_len)}"):
+        load("all")
+    (cache / "line_len.npy").unlink()  # a cache from before get_stat kept it
+    with pytest.raises(DataError, match="line_len.npy: missing .* --window all needs it: run get_stat.py again"):
+        load("all")
+    run = load("last")  # needs no lengths
+    assert len(run.train_ds) == len(run.train_ds.lines)
 
 
 def test_a_new_run_never_mixes_with_an_earlier_runs_checkpoints(sample, capsys):
