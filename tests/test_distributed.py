@@ -52,9 +52,11 @@ def torchrun_train(argv: list[str], out: Path) -> list[dict]:
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     generate(str(tmp_path), users=300, items=200, seed=3, progress=False)
     get_stat.run(tmp_path / "data", tmp_path / "cache")
-    single = train.main(run_args(tmp_path, "single"))["model"].state_dict()
+    # --window last, as this tolerance was set for: with 'all' (auto's pick at maxlen 20) the losses match to
+    # every logged digit too, but the weights differ by up to 8e-5 after 5 steps (two ranks' reduction order)
+    single = train.main([*run_args(tmp_path, "single"), "--window", "last"])["model"].state_dict()
 
-    ranks = torchrun_train(run_args(tmp_path, "ddp"), tmp_path / "ddp")
+    ranks = torchrun_train([*run_args(tmp_path, "ddp"), "--window", "last"], tmp_path / "ddp")
     for name, w in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP keeps the replicas identical
         torch.testing.assert_close(ranks[0][name], w, rtol=1e-4, atol=1e-5, msg=name)  # = one process
