@@ -24,6 +24,9 @@ class ModelConfig:
     hidden: int = 512  # D
     num_layers: int = 16
     num_heads: int = 8
+    # HSTU: per-head width of U and V (the HSTU paper's linear dim; 0 = hidden / num_heads). Q and K keep
+    # hidden / num_heads. Wider U, V widen each layer's gated output path, as SASRec's FFN widens its layer
+    linear_dim: int = 0
     maxlen: int = 101  # items per sequence; N = maxlen + 1 positions (the user token comes first)
     emb_dropout: float = 0.2  # on the concatenated item-tower / user-tower inputs
     dropout: float = 0.2  # on each layer's residual branch
@@ -56,6 +59,8 @@ class ModelConfig:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})")
         if self.model not in ("hstu", "sasrec"):
             raise ValueError(f"model must be 'hstu' or 'sasrec', got {self.model!r}")
+        if self.linear_dim < 0:
+            raise ValueError(f"linear_dim must be >= 0 (0: hidden / num_heads), got {self.linear_dim}")
         if self.num_time_buckets < 2:
             raise ValueError("num_time_buckets must be >= 2")
         if self.attn_norm not in ("n", "valid") or self.rab_time not in ("input", "target"):
@@ -224,6 +229,7 @@ class TimeFeatures(nn.Module):
 class HSTULayer(nn.Module):
     """Pointwise-attention HSTU block: U,V,Q,K = split(SiLU(Linear(LN(x)))),
     A = SiLU(QK^T/sqrt(dh) + rab) * mask / n, y = x + dropout(Linear(LN(A V) * U)).
+    Q, K have dh = D / H per head; U, V have dv = linear_dim (default dh) per head.
 
     n is the constant maxlen + 1 (attn_norm "n", as in HSTU: the attention stays unnormalised, so
     engagement intensity survives) or each query's number of valid keys (attn_norm "valid": a mean over
@@ -233,13 +239,14 @@ class HSTULayer(nn.Module):
         super().__init__()
         d, h = cfg.hidden, cfg.num_heads
         self.num_heads, self.head_dim = h, d // h
+        self.value_dim = cfg.linear_dim or d // h  # dv
         self.n_norm = float(cfg.num_positions)
         self.norm_by_valid = cfg.attn_norm == "valid"
         self.num_buckets, self.max_dt = cfg.num_time_buckets, cfg.max_dt_days * 86400.0
         self.norm_in = nn.LayerNorm(d)
-        self.uvqk = nn.Linear(d, 4 * d)
-        self.norm_attn = nn.LayerNorm(d)
-        self.out = nn.Linear(d, d)
+        self.uvqk = nn.Linear(d, 2 * h * self.value_dim + 2 * d)
+        self.norm_attn = nn.LayerNorm(h * self.value_dim)
+        self.out = nn.Linear(h * self.value_dim, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.ts_bias = nn.Embedding(cfg.num_time_buckets, h)  # rab(|dt|): one scalar per head per bucket
         self.pos_bias = nn.Embedding(cfg.num_positions, h) if cfg.rel_pos_bias else None  # per distance i - j
@@ -270,13 +277,15 @@ class HSTULayer(nn.Module):
     def forward(self, x: Tensor, mask: Tensor, ts: Tensor, buckets: Tensor | None = None) -> Tensor:
         # x (B, N, D), mask (B, N) bool valid tokens, ts (B, N) -> (B, N, D)
         b, n, d = x.shape
-        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # (B, N, D) each
-        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        h, dv = self.num_heads, self.value_dim
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).split([h * dv, h * dv, d, d], dim=-1)  # (B, N, H·dv | D)
+        q, k = (t.reshape(b, n, h, self.head_dim).transpose(1, 2) for t in (q, k))  # (B, H, N, dh)
+        v = v.reshape(b, n, h, dv).transpose(1, 2)  # (B, H, N, dv)
         # the scale on q and the 1/n on A·V (a row scaling commutes with the product): each op on an
         # (B, H, N, N) tensor costs as much as the matmul at these widths, so there are as few as possible
         s = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2) + self.rab(ts, buckets).to(q.dtype)  # (B, H, N, N)
         a = torch.where(causal_key_mask(mask), F.silu(s), 0.0)
-        o = (a @ v / self.divisor(mask)).transpose(1, 2).reshape(b, n, d)  # (B, N, D)
+        o = (a @ v / self.divisor(mask)).transpose(1, 2).reshape(b, n, h * dv)  # (B, N, H·dv)
         return x + self.drop(self.out(self.norm_attn(o) * u))
 
 
@@ -285,8 +294,9 @@ def hstu_layer_reference(layer: HSTULayer, x: Tensor, mask: Tensor, ts: Tensor, 
     queries' times for the time bias (default ts), as the model passes them with rab_time "target"."""
     query_ts = ts if query_ts is None else query_ts
     b, n, d = x.shape
-    h, dh = layer.num_heads, layer.head_dim
-    u, v, q, k = F.silu(layer.uvqk(layer.norm_in(x))).chunk(4, dim=-1)  # per-token ops, (B, N, D)
+    h, dh, dv = layer.num_heads, layer.head_dim, layer.value_dim
+    uvqk = F.silu(layer.uvqk(layer.norm_in(x)))  # per-token ops: U, V (B, N, H·dv), then Q, K (B, N, D)
+    u, v, q, k = uvqk[..., :h * dv], uvqk[..., h * dv:2 * h * dv], uvqk[..., -2 * d:-d], uvqk[..., -d:]
     scale = (layer.num_buckets - 1) / math.log1p(layer.max_dt)
     rows = []
     for bi in range(b):
@@ -295,8 +305,8 @@ def hstu_layer_reference(layer: HSTULayer, x: Tensor, mask: Tensor, ts: Tensor, 
             seen = sum(bool(mask[bi, j]) for j in range(i + 1))
             n_norm = max(seen, 1) if layer.norm_by_valid else layer.n_norm
             for hi in range(h):
-                sl = slice(hi * dh, (hi + 1) * dh)
-                acc = torch.zeros(dh, dtype=x.dtype)
+                sl, slv = slice(hi * dh, (hi + 1) * dh), slice(hi * dv, (hi + 1) * dv)
+                acc = torch.zeros(dv, dtype=x.dtype)
                 for j in range(i + 1):  # causal: keys j <= i
                     if not bool(mask[bi, j]):
                         continue
@@ -306,10 +316,10 @@ def hstu_layer_reference(layer: HSTULayer, x: Tensor, mask: Tensor, ts: Tensor, 
                     if layer.pos_bias is not None:
                         bias = bias + layer.pos_bias.weight[min(i - j, layer.pos_bias.num_embeddings - 1), hi]
                     score = (q[bi, i, sl] * k[bi, j, sl]).sum() / math.sqrt(dh) + bias
-                    acc = acc + F.silu(score) / n_norm * v[bi, j, sl]
+                    acc = acc + F.silu(score) / n_norm * v[bi, j, slv]
                 heads.append(acc)
             rows.append(torch.cat(heads))
-    o = torch.stack(rows).reshape(b, n, d)
+    o = torch.stack(rows).reshape(b, n, h * dv)
     return x + layer.drop(layer.out(layer.norm_attn(o) * u))
 
 

@@ -57,6 +57,8 @@ class TrainConfig:
     hidden: int = opt(None, "model width D (default: the preset's)")
     num_layers: int = opt(None, "number of layers (default: the preset's)")
     num_heads: int = opt(None, "attention heads (default: the preset's)")
+    linear_dim: int = opt(None, "HSTU: per-head width of U and V, the gated output path (0: hidden / heads) "
+                          "(default: the preset's)")
     maxlen: int = opt(None, "items per training sequence (default: the preset's)")
     dropout: float = opt(None, "dropout on each layer's residual branch (default: the preset's)")
     id_dropout: float = opt(None, "share of item tokens and candidates whose id embedding is dropped in training, so "
@@ -162,7 +164,7 @@ RESUME_OVERRIDES = {"data_dir", "cache_dir", "ckpt_dir", "log_dir", "tf_dir", "m
 TRAIN_PRESETS = {"reference": dict(max_steps=130_000, batch_size=232, lr=1e-3, temperature=0.01,
                                    curriculum=DEFAULT_CURRICULUM),
                  "small": dict(epochs=20.0, batch_size=64, lr=2e-3, temperature=0.1, curriculum="none")}
-MODEL_OPTIONS = ("model", "hidden", "num_layers", "num_heads", "maxlen", "dropout", "id_dropout", "emb_dropout",
+MODEL_OPTIONS = ("model", "hidden", "num_layers", "num_heads", "linear_dim", "maxlen", "dropout", "id_dropout", "emb_dropout",
                  "attn_norm", "rab_time", "num_time_buckets", "id_dim", "id_init_std", "item_feats", "exclude_item_feats")
 
 

@@ -7,6 +7,8 @@ utilisation, its peak GPU memory, and the largest batch that fits.
     python bench/train_step.py --preset reference --synthetic-items 17500000 --precision bf16 --find-max-batch \\
         --peak-tflops 989 --val-pass                             # on a GPU: the real catalogue, H200 bf16 peak
     python bench/train_step.py --preset small --batch-size 8 --steps 2 --warmup 1 --users 300 --out bench/train_step.tmp/r.md
+    python bench/train_step.py --preset small --data movielens_runs/ml-1m --no-compile --max-candidates 2048 \
+        --set maxlen=200 --variant sasrec:model=sasrec,num_heads=2 --variant hstu:num_heads=1,num_layers=3 --rounds 2
 
 The last command is a smoke run. Batches come from the training dataset (dataset.TrainDataset + collate, as
 train.py builds them) over generated sample data (make_sample_data.generate, then get_stat.run), or with
@@ -16,12 +18,14 @@ a batch has), item ids uniform over M items, the real feature list with vocabula
 is not measured (bench/dataloader.py measures it). Every configuration starts from the same seed. The first
 --warmup steps are not timed (torch.compile compiles in the first one; their time is reported). --precision bf16
 runs the steps under bf16 autocast (train.py's setting on CUDA). The loss is train.py's for the configuration:
-the full-catalogue softmax where train.use_full_softmax picks it, else the sampled softmax.
+the full-catalogue softmax where train.use_full_softmax picks it, else the sampled softmax. --data takes the
+batches from a dataset instead (a folder with data/ and cache/, such as bench/movielens.sh's conversion), and each
+--variant adds a row group of its own options, measured in turn, --rounds times over: model shapes side by side.
 
 Model FLOPs per step are estimated analytically: 6 x (parameters of the dense layers) x (tokens they see: B x N
 for the sequence layers, B x N + 2R for the item tower (+ M+1 items with the full softmax), B for the user
-tower), + attention 4 B N^2 D per layer x 3 for the backward, + the loss's logits 2 R C (D + 1) x 3, where R is
-the batch's target rows and C its candidates (2R, --max-candidates, or M+1 items). The loss's checkpoint
+tower), + attention 2 B N^2 (D + value width, D unless --linear-dim) per layer x 3 for the backward, + the loss's
+logits 2 R C (D + 1) x 3, where R is the batch's target rows and C its candidates (2R, --max-candidates, or M+1 items). The loss's checkpoint
 recomputation is not counted (model FLOPs, not hardware FLOPs). Utilisation = achieved FLOP/s over the measured
 rate of a large matmul on the same device (fp32 on a CPU, bf16 on CUDA); MFU = achieved FLOP/s over --peak-tflops
 (the card's dense bf16 peak, e.g. 989 for an H100/H200 SXM). Peak memory (CUDA) is torch.cuda.max_memory_allocated
@@ -104,7 +108,9 @@ def step_flops(model: HSTUModel, batch: dict, max_candidates: int, full_items: i
     item_rows = b * n + (full_items if full_items else 2 * r)
     dense = 6 * (sum(linear_params(layer) for layer in model.layers) * b * n
                  + linear_params(model.item_tower) * item_rows + linear_params(model.user_tower) * b)
-    attention = 3 * 4 * b * n * n * d * len(model.layers)
+    # QK^T over the D query/key dimensions, A·V over the value width (HSTU's H·dv, D unless --linear-dim)
+    widths = sum(d + layer.num_heads * getattr(layer, "value_dim", d // layer.num_heads) for layer in model.layers)
+    attention = 3 * 2 * b * n * n * widths
     logits = 3 * 2 * r * c * (d + 1)
     return float(dense + attention + logits), r
 
@@ -368,6 +374,17 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+def parse_variants(items: list[str], common: dict) -> list[tuple[str, dict]]:
+    """--variant NAME:KEY=VALUE,... -> [(name, overrides on top of --set)]; without any, one unnamed variant."""
+    out = []
+    for item in items:
+        name, sep, body = item.partition(":")
+        if not sep or not name:
+            raise SystemExit(f"error: --variant {item}: expected NAME:KEY=VALUE,...")
+        out.append((name, {**common, **parse_sets([kv for kv in body.split(",") if kv])}))
+    return out or [("", common)]
+
+
 def run_config(setup: Setup, args, prec: str, comp: bool, deadline: float | None, compile_s: list[float]) -> dict:
     """One measured configuration -> its result, {"error": ...} or {"skipped": ...} (the time budget)."""
     left = None if deadline is None else deadline - time.time()
@@ -405,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train.py's --id-update, one row group each")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other train.py option for every configuration, e.g. --set hidden=32 (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="a named set of train.py options on top of --set, e.g. sasrec:model=sasrec,num_heads=2 "
+                        "(repeatable): each is a row group, the variants measured in turn, --rounds times")
+    p.add_argument("--rounds", type=int, default=1, help="times every variant is measured, alternating")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
     p.add_argument("--max-candidates", type=int, default=0, help="train.py's --max-candidates (0: all 2R columns)")
@@ -424,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run: configurations that would not fit are skipped (and said so)")
     p.add_argument("--workdir", default=None, help="where the sample data is kept (default: a temp folder)")
+    p.add_argument("--data", default=None, help="batches from this dataset instead of sample data: a folder with "
+                   "data/ and cache/ (bench/movielens.sh's OUT_DIR/ml-1m)")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul size for the peak rate (default: 2048 on a "
                    "CPU, 8192 on CUDA)")
     p.add_argument("--out", default=str(ROOT / "bench" / "train_step_results.md"), help="where the table is written")
@@ -447,19 +470,26 @@ def main(argv: list[str] | None = None) -> str:
         p.error("give one --batch-size per --preset")
     if args.val_pass and not args.synthetic_items:
         p.error("--val-pass needs --synthetic-items")
-    sets = parse_sets(args.set)
+    variants = parse_variants(args.variant, parse_sets(args.set))
     load_before = os.getloadavg()[0]
     t_start = time.time()
     deadline = None if args.time_budget is None else t_start + args.time_budget
     if args.synthetic_items:
-        make = lambda pr, b, idu: prepare_synthetic(pr, b, args.synthetic_items, device, args.batches,  # noqa: E731
-                                                    args.max_candidates, with_item_feat=args.val_pass,
-                                                    id_update=idu, **sets)
+        make = lambda pr, b, idu, over: prepare_synthetic(  # noqa: E731
+            pr, b, args.synthetic_items, device, args.batches, args.max_candidates, with_item_feat=args.val_pass,
+            id_update=idu, **over)
     else:
-        data, cache = sample_data(Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_step.")), args.users,
-                                  args.items)
-        make = lambda pr, b, idu: prepare(pr, b, data, cache, device, args.batches, args.max_candidates,  # noqa: E731
-                                          id_update=idu, **sets)
+        if args.data:
+            import get_stat
+            data, cache = Path(args.data) / "data", Path(args.data) / "cache"
+            if not (data / "seq.jsonl").is_file():
+                p.error(f"--data {args.data}: no data/seq.jsonl there (expected bench/movielens.sh's OUT_DIR/ml-1m)")
+            get_stat.run(data, cache)  # a no-op when the cache is up to date
+        else:
+            data, cache = sample_data(Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_step.")), args.users,
+                                      args.items)
+        make = lambda pr, b, idu, over: prepare(pr, b, data, cache, device, args.batches,  # noqa: E731
+                                                args.max_candidates, id_update=idu, **over)
 
     mm_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     mm_n = args.matmul_n or (2048 if device.type == "cpu" else 8192)
@@ -484,13 +514,18 @@ def main(argv: list[str] | None = None) -> str:
 
     for preset, bsz in zip(args.preset, sizes):
         for idu in args.id_update:
-            run_group(make(preset, bsz, idu), preset, idu, precisions)
+            setups = [(f"{preset}: {name}" if name else preset, make(preset, bsz, idu, over)) for name, over in variants]
+            for _ in range(args.rounds):  # alternated, so that a change in the machine's load hits every variant
+                for label, setup in setups:
+                    run_group(setup, label, idu, precisions)
+            setups = None
             free_memory()
     if args.find_max_batch:  # last, so that a time budget cuts it rather than the configurations above
         preset, idu, prec = args.preset[0], args.id_update[0], precisions[0]
         print(f"{preset} {idu}: searching the largest batch that fits ({prec})", flush=True)
         try:
-            bmax, trials = find_max_batch(make(preset, sizes[0], idu), prec == "bf16", args.max_batch_cap)
+            bmax, trials = find_max_batch(make(preset, sizes[0], idu, variants[0][1]), prec == "bf16",
+                                          args.max_batch_cap)
             searches.append(dict(preset=preset, id_update=idu, precision=prec, batch=bmax, trials=trials,
                                  cap=args.max_batch_cap))
         except Exception as e:  # noqa: BLE001 - recorded; the measured rows stay
@@ -499,7 +534,7 @@ def main(argv: list[str] | None = None) -> str:
                                  cap=args.max_batch_cap, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
         free_memory()
         if bmax:
-            run_group(make(preset, bmax, idu), preset, idu, [prec], f"largest batch that fits ({prec})")
+            run_group(make(preset, bmax, idu, variants[0][1]), preset, idu, [prec], f"largest batch that fits ({prec})")
     table = write(run, [rate0, matmul_rate(device, mm_dtype, mm_n)], True)
     print(table)
     return table
@@ -531,7 +566,7 @@ def write(run: dict, rates: list[float], final: bool) -> str:
 def results_table(rows: list[dict], searches: list[dict], info: dict, args, cmd: str) -> str:
     rate, peak = info["matmul_rate"], info["peak_tflops"]
     source = (f"synthetic full batches over {args.synthetic_items:,} items (R = B x N, the real feature list)"
-              if args.synthetic_items else
+              if args.synthetic_items else f"the training dataset of {Path(args.data).name}" if args.data else
               f"the training dataset over generated sample data ({args.users:,} users, {args.items:,} items, "
               "10-100 events a user, so R < B x N)")
     card = f", {info['total_gib']:.1f} GiB" if info["total_gib"] else ""

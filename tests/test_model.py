@@ -91,11 +91,13 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
 
 
-@pytest.mark.parametrize("rel_pos, attn_norm, query_times", [(True, "n", False), (False, "n", False),
-                                                           (True, "valid", False), (True, "n", True)])
-def test_hstu_layer_fast_path_matches_loop_reference(rel_pos, attn_norm, query_times):
+@pytest.mark.parametrize("rel_pos, attn_norm, query_times, linear_dim", [
+    (True, "n", False, 0), (False, "n", False, 0), (True, "valid", False, 0), (True, "n", True, 0),
+    (True, "n", False, 6)])  # U and V wider than Q and K (dv 6, dh 4)
+def test_hstu_layer_fast_path_matches_loop_reference(rel_pos, attn_norm, query_times, linear_dim):
     torch.manual_seed(0)
-    cfg = tiny_cfg(hidden=8, maxlen=6, num_time_buckets=8, rel_pos_bias=rel_pos, attn_norm=attn_norm)
+    cfg = tiny_cfg(hidden=8, maxlen=6, num_time_buckets=8, rel_pos_bias=rel_pos, attn_norm=attn_norm,
+                   linear_dim=linear_dim)
     layer = HSTULayer(cfg).double()
     randomise(layer, 1)
     b, n = 3, 6  # narrower than N = 7: a batch may carry fewer positions
