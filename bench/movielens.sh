@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # MovieLens-1M under the HSTU paper's protocol (last item = test, second-to-last = validation, ranked
 # against all items, history filtered): convert -> get_stat -> train -> infer -> evaluate, for HSTU and
-# SASRec with the same item tower, loss and schedule (the cpu profile gives HSTU its own layers and heads).
+# SASRec with the same item tower, loss and schedule (the cpu profile gives HSTU its own shape).
 #
 #   bench/movielens.sh ML1M_DIR [OUT_DIR]           # ML1M_DIR: ratings.dat/users.dat/movies.dat (GroupLens)
 #                                                   # or interactions_chrono.csv.gz + users.dat + movies.dat
-# Environment: MODELS ("hstu sasrec"), PROFILE (cpu: about an hour a model on 2 cores with AVX-512; gpu: a
-# larger model, longer), STEPS (override the profile's steps; 3000: the hour without AVX-512), PYTHON. Extra
+# Environment: MODELS ("hstu sasrec"), PROFILE (cpu: about an hour a model on 2 cores with AVX-512, HSTU 70 min;
+# gpu: a larger model, longer), STEPS (override the profile's steps; 3960: HSTU's hour with AVX-512), PYTHON. Extra
 # training options: TRAIN_ARGS; NAME names the run folder (default: the model). An ablation at the same
-# schedule, cut short at step 500:
-#   NAME=hstu_no_logq MODELS=hstu TRAIN_ARGS="--stop-at 500 --log-q-alpha 0" bench/movielens.sh ML1M_DIR
+# schedule, cut at its first validation (a sixth of the steps: 750 at the cpu profile's 4,500):
+#   NAME=hstu_no_feats MODELS=hstu TRAIN_ARGS="--stop-at 750 --no-item-feats" bench/movielens.sh ML1M_DIR
 # Results: OUT_DIR/<name>/metrics.json and a summary line per run in OUT_DIR/summary.md.
 set -euo pipefail
 if [ $# -lt 1 ]; then sed -n '2,13p' "$0"; exit 2; fi
