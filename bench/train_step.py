@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> str:
             for _ in range(args.rounds):  # alternated, so that a change in the machine's load hits every variant
                 for label, setup in setups:
                     run_group(setup, label, idu, precisions)
-            setups = None
+            setups = None  # drop the models and batches, so that free_memory can release them
             free_memory()
     if args.find_max_batch:  # last, so that a time budget cuts it rather than the configurations above
         preset, idu, prec = args.preset[0], args.id_update[0], precisions[0]
